@@ -1,0 +1,136 @@
+"""The public API: `csm.load(...)` returns a `Generator`.
+
+    gen = csm.load("unsloth/csm-1b")
+    audio = gen.generate("Hello there.", speaker=0, context=[csm.Segment(1, "Hi!", audio)])
+
+The Generator owns everything that is the same on every backend (tokenizer, prompt frames,
+sampling parameters, watermark); the backend owns frames -> codes and codes <-> audio.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from csm.audio import MODEL_SAMPLE_RATE
+from csm.backends import create_backend, select_backend
+from csm.checkpoint import open_checkpoint
+from csm.errors import CsmError
+from csm.hub import DEFAULT_MODEL, resolve_model
+from csm.prompt import Segment, build_prompt
+from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOPK, SamplingParams, max_frames
+from csm.text import load_tokenizer
+
+
+class Generator:
+    """Speech from text and a conversation, on one backend."""
+
+    def __init__(self, backend, tokenizer, watermark_model: str | None = None):
+        self._backend = backend
+        self.tokenizer = tokenizer
+        self.config = backend.config
+        self._watermark_model = watermark_model
+        self._watermarker = None  # silentcipher loads on first use
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def device(self) -> str:
+        return self._backend.device
+
+    @property
+    def sample_rate(self) -> int:
+        return MODEL_SAMPLE_RATE
+
+    # --- codes --------------------------------------------------------------------------------
+    def prompt(self, text: str, speaker: int = 0, context: Iterable[Segment] = ()):
+        """The prompt frames for a turn (context audio is encoded with Mimi)."""
+        context = list(context)
+        for seg in context:
+            if not isinstance(seg, Segment):
+                raise CsmError(f"context items must be csm.Segment, got {type(seg).__name__}")
+        encoded = [(seg, None if seg.audio is None else self._backend.encode_audio(seg.audio)) for seg in context]
+        if not isinstance(speaker, (int, np.integer)) or speaker < 0:
+            raise CsmError(f"speaker must be a non-negative integer, got {speaker!r}")
+        return build_prompt(self.tokenizer, text, speaker, encoded, self.config.audio_num_codebooks)
+
+    def generate_codes(
+        self,
+        text: str,
+        speaker: int = 0,
+        context: Sequence[Segment] = (),
+        max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
+        temperature: float = DEFAULT_TEMPERATURE,
+        topk: int = DEFAULT_TOPK,
+        seed: int | None = None,
+        on_frame: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Mimi codes [frames, 32] (int64) of the spoken turn. `on_frame(n)` is called after each frame."""
+        params = SamplingParams(temperature=temperature, topk=topk)
+        frames = max_frames(max_audio_length_ms)
+        prompt = self.prompt(text, speaker, context)
+        return self._backend.generate_codes(prompt.tokens, prompt.mask, frames, params, seed, on_frame)
+
+    # --- audio --------------------------------------------------------------------------------
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes [frames, 32] -> float32 mono audio at 24 kHz (1920 samples per frame)."""
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[1] != self.config.audio_num_codebooks:
+            raise CsmError(f"codes must be [frames, {self.config.audio_num_codebooks}], got {codes.shape}")
+        if len(codes) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self._backend.decode_audio(codes)
+
+    def watermark(self, audio: np.ndarray, key: Sequence[int] | None = None) -> np.ndarray:
+        """Embed the silentcipher watermark (Sesame's public key unless `key` is given)."""
+        from csm.watermark import PUBLIC_KEY, Watermarker
+
+        if self._watermarker is None:
+            self._watermarker = Watermarker.load(self._watermark_model)
+        return self._watermarker.embed(audio, self.sample_rate, tuple(key or PUBLIC_KEY))
+
+    def generate(
+        self,
+        text: str,
+        speaker: int = 0,
+        context: Sequence[Segment] = (),
+        max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
+        temperature: float = DEFAULT_TEMPERATURE,
+        topk: int = DEFAULT_TOPK,
+        seed: int | None = None,
+        watermark: bool = True,
+        watermark_key: Sequence[int] | None = None,
+        on_frame: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Generate, decode and watermark: float32 mono audio at 24 kHz."""
+        codes = self.generate_codes(text, speaker, context, max_audio_length_ms, temperature, topk, seed, on_frame)
+        audio = self.decode(codes)
+        if watermark and len(audio):
+            audio = self.watermark(audio, watermark_key)
+        return audio
+
+
+def load(
+    model: str | Path = DEFAULT_MODEL,
+    backend: str = "auto",
+    device: str | None = None,
+    dtype: str | None = None,
+    *,
+    mimi: str | None = None,
+    tokenizer: str | None = None,
+    watermark_model: str | None = None,
+) -> Generator:
+    """Load CSM from a local folder/file or a Hub repo id, on `backend` ("auto", "torch")."""
+    name = select_backend(backend)
+    ckpt = open_checkpoint(resolve_model(model))
+    text_tokenizer = load_tokenizer(ckpt.root, tokenizer)
+    return Generator(create_backend(name, ckpt, device, dtype, mimi), text_tokenizer, watermark_model)
+
+
+def load_csm_1b(device: str = "cuda", model: str | Path = DEFAULT_MODEL, **kwargs) -> Generator:
+    """The seeds' entry point (Sesame's `generator.load_csm_1b`), on the torch backend."""
+    return load(model, backend="torch", device=device, **kwargs)

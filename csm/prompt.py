@@ -1,0 +1,89 @@
+"""Conversation -> the backbone's 33-column frames (numpy; the same for every backend).
+
+A position is a frame of 32 audio codebook columns then 1 text column, with a boolean mask
+saying which columns count. A segment is its text frames (template in `csm.text`), then its
+audio frames, then one all-zero end-of-audio frame. The prompt is the context segments in order,
+then the text frames of the turn to generate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from csm.errors import CsmError
+from csm.text import TextTokenizer
+
+
+@dataclass
+class Segment:
+    """One turn of a conversation. `audio`: mono float32 at 24 kHz, or None for text only."""
+
+    speaker: int
+    text: str
+    audio: np.ndarray | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.speaker, (int, np.integer)) or self.speaker < 0:
+            raise CsmError(f"speaker must be a non-negative integer, got {self.speaker!r}")
+        if self.audio is not None:
+            audio = np.asarray(self.audio, dtype=np.float32)
+            if audio.ndim != 1:
+                raise CsmError(
+                    f"segment audio must be mono (1-D), got shape {audio.shape}; average the channels "
+                    "(csm.audio.to_mono) or load it with csm.audio.read_audio"
+                )
+            self.audio = audio
+
+
+@dataclass
+class Frames:
+    tokens: np.ndarray  # [T, 33] int64
+    mask: np.ndarray  # [T, 33] bool
+
+    @staticmethod
+    def concat(parts: list["Frames"]) -> "Frames":
+        return Frames(np.concatenate([p.tokens for p in parts]), np.concatenate([p.mask for p in parts]))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def text_frames(ids: list[int], num_codebooks: int) -> Frames:
+    tokens = np.zeros((len(ids), num_codebooks + 1), dtype=np.int64)
+    mask = np.zeros_like(tokens, dtype=bool)
+    tokens[:, -1] = ids
+    mask[:, -1] = True
+    return Frames(tokens, mask)
+
+
+def audio_frames(codes: np.ndarray, num_codebooks: int) -> Frames:
+    """codes [T, num_codebooks] -> T frames plus the all-zero end-of-audio frame."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.ndim != 2 or codes.shape[1] != num_codebooks:
+        raise CsmError(f"audio codes must be [frames, {num_codebooks}], got {codes.shape}")
+    tokens = np.zeros((len(codes) + 1, num_codebooks + 1), dtype=np.int64)
+    tokens[:-1, :-1] = codes
+    mask = np.zeros_like(tokens, dtype=bool)
+    mask[:, :-1] = True
+    return Frames(tokens, mask)
+
+
+def build_prompt(
+    tokenizer: TextTokenizer,
+    text: str,
+    speaker: int,
+    context: list[tuple[Segment, np.ndarray | None]],
+    num_codebooks: int,
+) -> Frames:
+    """context: (segment, its Mimi codes [T, 32] or None when it has no audio), in order."""
+    if not text or not text.strip():
+        raise CsmError("text is empty: give the words to speak")
+    parts = []
+    for segment, codes in context:
+        parts.append(text_frames(tokenizer.encode_turn(segment.text, segment.speaker), num_codebooks))
+        if codes is not None:
+            parts.append(audio_frames(codes, num_codebooks))
+    parts.append(text_frames(tokenizer.encode_turn(text, speaker), num_codebooks))
+    return Frames.concat(parts)

@@ -1,0 +1,1 @@
+"""The PyTorch backend of csm (CUDA, CPU, MPS)."""
