@@ -1,0 +1,1 @@
+"""Command-line entry points (csm-generate, csm-watermark)."""

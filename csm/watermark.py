@@ -1,0 +1,285 @@
+"""Sony's silentcipher audio watermark, as Sesame applies it to every CSM clip.
+
+Embedding: 24 kHz audio -> 44.1 kHz -> silentcipher `encode_wav(..., message_sdr=36)` -> back to
+the input rate. Detection: -> 44.1 kHz -> `decode_wav(..., phase_shift_decoding=True)`; a clip is
+watermarked with `key` iff the decoder reports success and its first message equals `key`.
+
+The weights are the 44.1 kHz model of the Hugging Face repo `sony/silentcipher`
+(`44_1_khz/73999_iteration`). We resolve them ourselves (explicit folder, then
+$CSM_WATERMARK_MODEL, then the Hub cache / download) and never call silentcipher's own download
+path, which prints to stdout. silentcipher is imported lazily, only by `Watermarker.load`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from csm.audio import resample
+from csm.errors import CsmError
+
+PUBLIC_KEY: tuple[int, ...] = (212, 211, 146, 56, 201)
+WATERMARK_ENV = "CSM_WATERMARK_MODEL"
+
+HUB_REPO = "sony/silentcipher"
+MODEL_SUBDIR = "44_1_khz/73999_iteration"
+WATERMARK_SAMPLE_RATE = 44_100
+MESSAGE_SDR = 36
+KEY_LENGTH = 5
+
+_FIX = (
+    "Download them once with `huggingface-cli download sony/silentcipher`, or pass "
+    "--watermark-model DIR / set CSM_WATERMARK_MODEL, or use --no-watermark."
+)
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def _validate_key(key: Sequence[int]) -> tuple[int, ...]:
+    try:
+        values = tuple(key)
+    except TypeError:
+        raise CsmError(f"watermark key must be {KEY_LENGTH} integers 0..255, got {key!r}") from None
+    if len(values) != KEY_LENGTH or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in values
+    ):
+        raise CsmError(
+            f"watermark key must be {KEY_LENGTH} integers 0..255, got {key!r}; "
+            f"write it like {','.join(map(str, PUBLIC_KEY))}"
+        )
+    return tuple(int(v) for v in values)
+
+
+def parse_key(text: str) -> tuple[int, ...]:
+    """Parse "212,211,146,56,201" (spaces allowed) into a 5-byte key."""
+    example = ",".join(map(str, PUBLIC_KEY))
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != KEY_LENGTH or any(p == "" for p in parts):
+        raise CsmError(
+            f"watermark key {text!r} must be {KEY_LENGTH} comma-separated integers 0..255, e.g. {example}"
+        )
+    values = []
+    for part in parts:
+        try:
+            value = int(part, 10)
+        except ValueError:
+            raise CsmError(
+                f"watermark key {text!r}: {part!r} is not an integer; write the key as "
+                f"{KEY_LENGTH} comma-separated integers 0..255, e.g. {example}"
+            ) from None
+        if not 0 <= value <= 255:
+            raise CsmError(
+                f"watermark key {text!r}: {value} is outside 0..255; every byte of the key must be 0..255, "
+                f"e.g. {example}"
+            )
+        values.append(value)
+    return tuple(values)
+
+
+def format_key(key: Sequence[int]) -> str:
+    return ",".join(str(int(v)) for v in key)
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+
+def _n_messages(hparams: Path) -> int:
+    try:
+        import yaml
+
+        config = yaml.safe_load(hparams.read_text(encoding="utf-8"))
+    except Exception as exc:
+        raise CsmError(f"cannot read silentcipher {hparams}: {exc}. Re-download sony/silentcipher.") from exc
+    if not isinstance(config, dict):
+        raise CsmError(f"silentcipher {hparams} is not a YAML mapping. Re-download sony/silentcipher.")
+    return int(config.get("n_messages", 1))
+
+
+def _check_model_dir(folder: Path, origin: str) -> Path:
+    hparams = folder / "hparams.yaml"
+    if not hparams.is_file():
+        raise CsmError(
+            f"silentcipher watermark model folder {folder} ({origin}) has no hparams.yaml. "
+            f"Point it at the folder holding hparams.yaml and the .ckpt files "
+            f"(sony/silentcipher's {MODEL_SUBDIR}), or use --no-watermark."
+        )
+    required = ["enc_c.ckpt", "dec_c.ckpt"] + [f"dec_m_{i}.ckpt" for i in range(_n_messages(hparams))]
+    for name in required:
+        if not (folder / name).is_file():
+            raise CsmError(
+                f"silentcipher watermark model folder {folder} ({origin}) is missing {name}. "
+                f"Re-download it with `huggingface-cli download sony/silentcipher`, or use --no-watermark."
+            )
+    return folder
+
+
+def _model_dir_from(path: Path, origin: str) -> Path:
+    """`path` is either the model folder itself or a snapshot root holding 44_1_khz/73999_iteration."""
+    path = path.expanduser()
+    if not path.exists():
+        raise CsmError(
+            f"silentcipher watermark model folder {path} ({origin}) does not exist. "
+            f"Pass the folder holding hparams.yaml and the .ckpt files, or use --no-watermark."
+        )
+    if not path.is_dir():
+        raise CsmError(f"silentcipher watermark model path {path} ({origin}) is not a folder. " + _FIX)
+    nested = path / MODEL_SUBDIR
+    if not (path / "hparams.yaml").exists() and nested.is_dir():
+        path = nested
+    return _check_model_dir(path, origin)
+
+
+def _hub_snapshot() -> Path:
+    from huggingface_hub import snapshot_download
+
+    kwargs = dict(repo_id=HUB_REPO, allow_patterns=[f"{MODEL_SUBDIR.split('/')[0]}/*"])
+    try:
+        # The cache first: no network round trip when the weights are already there.
+        return Path(snapshot_download(**kwargs, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(**kwargs))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CsmError(
+            f"silentcipher watermark weights not found (not in the Hugging Face cache and the Hub "
+            f"download of {HUB_REPO} failed: {reason}). " + _FIX
+        ) from exc
+
+
+def resolve_watermark_dir(path: str | os.PathLike | None = None) -> Path:
+    """The folder holding silentcipher's hparams.yaml and checkpoints.
+
+    Order: the explicit `path`, then $CSM_WATERMARK_MODEL, then the Hub repo sony/silentcipher
+    (local cache first; works offline when it was downloaded once)."""
+    if path is not None and str(path) != "":
+        return _model_dir_from(Path(path), "given with --watermark-model")
+    env = os.environ.get(WATERMARK_ENV)
+    if env:
+        return _model_dir_from(Path(env), f"from ${WATERMARK_ENV}")
+    root = _hub_snapshot()
+    folder = root / MODEL_SUBDIR
+    if not folder.is_dir():
+        raise CsmError(
+            f"silentcipher watermark weights not found (the {HUB_REPO} snapshot at {root} has no {MODEL_SUBDIR}). "
+            + _FIX
+        )
+    return _check_model_dir(folder, f"Hugging Face snapshot of {HUB_REPO}")
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+
+def _import_silentcipher():
+    with warnings.catch_warnings():
+        # pydub warns at import when ffmpeg is absent; silentcipher only uses it for file I/O.
+        warnings.simplefilter("ignore")
+        try:
+            import silentcipher
+        except ImportError as exc:
+            raise CsmError(
+                f"cannot import silentcipher ({exc}). Install it with `pip install silentcipher==1.0.5`, "
+                f"or use --no-watermark."
+            ) from exc
+    return silentcipher
+
+
+def _as_mono(audio: np.ndarray) -> np.ndarray:
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise CsmError(f"watermarking expects mono 1-D audio, got shape {audio.shape}; mix it down to mono first")
+    if not np.all(np.isfinite(audio)):
+        raise CsmError("audio contains NaN or infinite samples; fix the audio before watermarking it")
+    return audio
+
+
+def _fit_length(audio: np.ndarray, length: int) -> np.ndarray:
+    if audio.shape[0] > length:
+        return audio[:length]
+    if audio.shape[0] < length:
+        return np.pad(audio, (0, length - audio.shape[0]))
+    return audio
+
+
+class Watermarker:
+    """A loaded silentcipher 44.1 kHz model. Build with `Watermarker.load()`."""
+
+    def __init__(self, model, model_dir: Path, device: str = "cpu"):
+        self.model = model
+        self.model_dir = model_dir
+        self.device = device
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, device: str = "cpu") -> "Watermarker":
+        """Resolve the weights (see `resolve_watermark_dir`) and load them on `device` (CPU by
+        default; MPS is mapped to CPU because silentcipher does not run there)."""
+        import torch
+
+        folder = resolve_watermark_dir(path)
+        device = str(device)
+        if device.startswith("mps"):
+            device = "cpu"
+        silentcipher = _import_silentcipher()
+        try:
+            with torch.no_grad():
+                model = silentcipher.get_model(
+                    model_type="44.1k",
+                    ckpt_path=str(folder),
+                    config_path=str(folder / "hparams.yaml"),
+                    device=device,
+                )
+        except CsmError:
+            raise
+        except Exception as exc:
+            raise CsmError(
+                f"cannot load the silentcipher watermark model from {folder}: {exc}. "
+                f"Re-download it with `huggingface-cli download sony/silentcipher`, or use --no-watermark."
+            ) from exc
+        return cls(model, folder, device)
+
+    def embed(self, audio: np.ndarray, sample_rate: int, key: Sequence[int] = PUBLIC_KEY) -> np.ndarray:
+        """Watermark mono `audio`; returns float32 audio of the same length and sample rate."""
+        import torch
+
+        key = _validate_key(key)
+        audio = _as_mono(audio)
+        if audio.shape[0] == 0:
+            return audio.copy()
+        high = resample(audio, sample_rate, WATERMARK_SAMPLE_RATE)
+        with torch.no_grad():
+            marked, _ = self.model.encode_wav(
+                high, WATERMARK_SAMPLE_RATE, list(key), calc_sdr=False, message_sdr=MESSAGE_SDR
+            )
+        out = resample(np.asarray(marked, dtype=np.float32), WATERMARK_SAMPLE_RATE, sample_rate)
+        return np.ascontiguousarray(_fit_length(out, audio.shape[0]), dtype=np.float32)
+
+    def detect(self, audio: np.ndarray, sample_rate: int) -> tuple[int, ...] | None:
+        """The 5-byte key watermarked into mono `audio`, or None when no watermark decodes."""
+        import torch
+
+        audio = _as_mono(audio)
+        if audio.shape[0] == 0 or not np.any(audio):
+            return None  # silence carries no watermark (and silentcipher would divide by zero)
+        high = resample(audio, sample_rate, WATERMARK_SAMPLE_RATE)
+        with torch.no_grad():
+            result = self.model.decode_wav(high, WATERMARK_SAMPLE_RATE, phase_shift_decoding=True)
+        if not isinstance(result, dict) or not result.get("status"):
+            return None
+        messages = result.get("messages") or []
+        if not messages:
+            return None
+        message = messages[0]
+        if len(message) != KEY_LENGTH or not all(0 <= int(v) <= 255 for v in message):
+            return None
+        return tuple(int(v) for v in message)
+
+    def check(self, audio: np.ndarray, sample_rate: int, key: Sequence[int] = PUBLIC_KEY) -> bool:
+        """True iff `audio` carries the watermark `key`."""
+        key = _validate_key(key)
+        return self.detect(audio, sample_rate) == key

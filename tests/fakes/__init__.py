@@ -1,0 +1,1 @@
+"""Small local stand-ins for the models and weights the tests would otherwise download."""

@@ -1,0 +1,251 @@
+"""silentcipher watermarking: key parsing, weight resolution, embed/detect on random weights, CLI.
+
+Random weights cannot decode anything, so detection is only checked to run and return a key or
+None; CLI exit codes are pinned by monkeypatching `Watermarker.detect`. Detection audio stays
+under ~0.95 s: from 21 STFT frames on, silentcipher's phase-shift search runs its decoder 205
+times (minutes per second of audio on a small CPU)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from csm.audio import read_audio, write_wav
+from csm.errors import CsmError
+from csm.watermark import (
+    PUBLIC_KEY,
+    WATERMARK_ENV,
+    Watermarker,
+    format_key,
+    parse_key,
+    resolve_watermark_dir,
+)
+from fakes.watermark import make_random_watermark_dir
+
+RATE = 24_000
+
+
+def _speech_like(seconds: float, rate: int = RATE, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+    return (tone + 0.02 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def wm_dir(tmp_path_factory):
+    return make_random_watermark_dir(tmp_path_factory.mktemp("silentcipher"))
+
+
+@pytest.fixture(scope="module")
+def watermarker(wm_dir):
+    return Watermarker.load(wm_dir)
+
+
+@pytest.fixture
+def no_hub(tmp_path, monkeypatch):
+    """An empty, offline Hugging Face cache and no $CSM_WATERMARK_MODEL."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv(WATERMARK_ENV, raising=False)
+    return home / "hub"
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+def test_parse_key():
+    assert parse_key("212,211,146,56,201") == PUBLIC_KEY
+    assert parse_key(" 1, 2 ,3,4 , 255 ") == (1, 2, 3, 4, 255)
+    assert format_key(PUBLIC_KEY) == "212,211,146,56,201"
+
+
+@pytest.mark.parametrize("text", ["", "1,2,3,4", "1,2,3,4,5,6", "1,2,3,4,256", "1,2,-1,4,5", "a,b,c,d,e", "1,,3,4,5", "1;2;3;4;5"])
+def test_parse_key_errors(text):
+    with pytest.raises(CsmError, match="0..255"):
+        parse_key(text)
+
+
+# --- resolution ---------------------------------------------------------------------------------------
+
+
+def test_missing_weights_error_names_the_fix(no_hub):
+    with pytest.raises(CsmError) as info:
+        resolve_watermark_dir(None)
+    message = str(info.value)
+    assert message.startswith("silentcipher watermark weights not found (")
+    assert "huggingface-cli download sony/silentcipher" in message
+    assert "--watermark-model DIR" in message and "CSM_WATERMARK_MODEL" in message
+    assert "--no-watermark" in message
+
+
+def test_resolution_order(tmp_path, no_hub, monkeypatch):
+    explicit = make_random_watermark_dir(tmp_path / "explicit")
+    from_env = make_random_watermark_dir(tmp_path / "env")
+    # A Hub cache entry for sony/silentcipher, as snapshot_download leaves it.
+    commit = "0" * 40
+    repo = no_hub / "models--sony--silentcipher"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    hub = make_random_watermark_dir(repo / "snapshots" / commit, snapshot_layout=True)
+
+    assert resolve_watermark_dir(None) == hub
+    monkeypatch.setenv(WATERMARK_ENV, str(from_env))
+    assert resolve_watermark_dir(None) == from_env
+    assert resolve_watermark_dir(explicit) == explicit
+    assert resolve_watermark_dir(str(explicit)) == explicit
+
+
+def test_snapshot_root_accepted(tmp_path, no_hub, monkeypatch):
+    folder = make_random_watermark_dir(tmp_path / "snap", snapshot_layout=True)
+    assert resolve_watermark_dir(tmp_path / "snap") == folder
+    monkeypatch.setenv(WATERMARK_ENV, str(tmp_path / "snap"))
+    assert resolve_watermark_dir(None) == folder
+
+
+def test_missing_ckpt_is_named(tmp_path, no_hub):
+    folder = make_random_watermark_dir(tmp_path / "wm")
+    (folder / "dec_m_0.ckpt").unlink()
+    with pytest.raises(CsmError, match="missing dec_m_0.ckpt"):
+        resolve_watermark_dir(folder)
+    with pytest.raises(CsmError, match="missing dec_m_0.ckpt"):
+        Watermarker.load(folder)
+    (folder / "hparams.yaml").unlink()
+    with pytest.raises(CsmError, match="hparams.yaml"):
+        resolve_watermark_dir(folder)
+
+
+def test_nonexistent_dir(tmp_path, no_hub, monkeypatch):
+    with pytest.raises(CsmError, match="does not exist"):
+        resolve_watermark_dir(tmp_path / "nope")
+    monkeypatch.setenv(WATERMARK_ENV, str(tmp_path / "nope"))
+    with pytest.raises(CsmError, match="CSM_WATERMARK_MODEL"):
+        resolve_watermark_dir(None)
+
+
+# --- embed / detect ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate,seconds", [(24_000, 1.0), (16_000, 0.77)])
+def test_embed_keeps_length_dtype_and_changes_audio(watermarker, rate, seconds):
+    audio = _speech_like(seconds, rate)
+    audio = np.concatenate([audio, audio[:7]])  # a length that does not divide anything
+    marked = watermarker.embed(audio, rate)
+    assert marked.dtype == np.float32 and marked.shape == audio.shape
+    assert np.all(np.isfinite(marked))
+    assert not np.array_equal(marked, audio)
+    assert not np.shares_memory(marked, audio)
+
+
+def test_embed_with_custom_key_and_bad_key(watermarker):
+    audio = _speech_like(0.5)
+    a = watermarker.embed(audio, RATE, key=(1, 2, 3, 4, 5))
+    b = watermarker.embed(audio, RATE, key=PUBLIC_KEY)
+    assert a.shape == audio.shape and not np.array_equal(a, b)
+    with pytest.raises(CsmError):
+        watermarker.embed(audio, RATE, key=(1, 2, 3))
+    with pytest.raises(CsmError):
+        watermarker.embed(audio, RATE, key=(1, 2, 3, 4, 256))
+    with pytest.raises(CsmError, match="mono"):
+        watermarker.embed(np.stack([audio, audio], axis=1), RATE)
+
+
+def test_embed_silence_and_empty(watermarker):
+    silence = np.zeros(RATE // 2, dtype=np.float32)
+    out = watermarker.embed(silence, RATE)
+    assert out.shape == silence.shape and out.dtype == np.float32 and not np.any(out)
+    assert watermarker.embed(np.zeros(0, dtype=np.float32), RATE).shape == (0,)
+    assert watermarker.detect(silence, RATE) is None
+
+
+def test_detect_and_check_run(watermarker):
+    audio = watermarker.embed(_speech_like(0.75), RATE)
+    found = watermarker.detect(audio, RATE)
+    assert found is None or (isinstance(found, tuple) and len(found) == 5)
+    assert isinstance(watermarker.check(audio, RATE), bool)
+    assert isinstance(watermarker.check(audio, RATE, key=(1, 2, 3, 4, 5)), bool)
+
+
+def test_check_compares_decoded_key(watermarker, monkeypatch):
+    monkeypatch.setattr(Watermarker, "detect", lambda self, audio, rate: PUBLIC_KEY)
+    assert watermarker.check(np.ones(10, np.float32), RATE) is True
+    assert watermarker.check(np.ones(10, np.float32), RATE, key=(1, 2, 3, 4, 5)) is False
+
+
+# --- CLI -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clip(tmp_path):
+    path = tmp_path / "clip.wav"
+    write_wav(path, _speech_like(0.5), RATE)
+    return path
+
+
+def _run(args):
+    from csm.cli.watermark import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_check_found_and_not_found(clip, wm_dir, monkeypatch):
+    monkeypatch.setattr(Watermarker, "detect", lambda self, audio, rate: PUBLIC_KEY)
+    result = _run(["check", clip, "--watermark-model", wm_dir])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "watermark found (key 212,211,146,56,201)"
+
+    result = _run(["check", clip, "--watermark-model", wm_dir, "--key", "1, 2, 3, 4, 5"])
+    assert result.exit_code == 1
+    assert result.stdout.startswith("no watermark with key 1,2,3,4,5")
+
+    monkeypatch.setattr(Watermarker, "detect", lambda self, audio, rate: None)
+    result = _run(["check", clip, "--watermark-model", wm_dir])
+    assert result.exit_code == 1
+    assert result.stdout.strip() == "no watermark with key 212,211,146,56,201"
+
+
+def test_cli_check_real_run(clip, wm_dir):
+    result = _run(["check", clip, "--watermark-model", wm_dir])
+    assert result.exit_code in (0, 1), result.output
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+def test_cli_errors_exit_2(tmp_path, clip, wm_dir, no_hub):
+    result = _run(["check", tmp_path / "missing.wav", "--watermark-model", wm_dir])
+    assert result.exit_code == 2 and result.stderr.startswith("error: audio file not found")
+    result = _run(["check", clip, "--key", "1,2,3"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: watermark key")
+    result = _run(["check", clip])  # no weights anywhere
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: silentcipher watermark weights not found")
+    assert "Traceback" not in result.output
+
+
+def test_cli_embed(tmp_path, clip, wm_dir):
+    out = tmp_path / "out.wav"
+    result = _run(["embed", clip, out, "--watermark-model", wm_dir])
+    assert result.exit_code == 0, result.output
+    written = read_audio(out, sample_rate=RATE)
+    assert written.shape == read_audio(clip, sample_rate=RATE).shape
+
+    before = out.read_bytes()
+    result = _run(["embed", clip, out, "--watermark-model", wm_dir])
+    assert result.exit_code == 2
+    assert "already exists" in result.stderr and "--force" in result.stderr
+    assert out.read_bytes() == before
+
+    result = _run(["embed", clip, out, "--watermark-model", wm_dir, "--force", "--key", "9,8,7,6,5"])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() != before
