@@ -1,0 +1,1 @@
+"""Speed and memory measurements of csm (run as `python -m benchmarks.<name>`)."""
