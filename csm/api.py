@@ -24,6 +24,9 @@ from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAU
 from csm.text import load_tokenizer
 
 
+MIMI_CODEBOOK_SIZE = 2048  # the audio vocabulary's 2051 ids = Mimi's codes + 3 spare ids
+
+
 class Generator:
     """Speech from text and a conversation, on one backend."""
 
@@ -83,6 +86,13 @@ class Generator:
             raise CsmError(f"codes must be [frames, {self.config.audio_num_codebooks}], got {codes.shape}")
         if len(codes) == 0:
             return np.zeros(0, dtype=np.float32)
+        bad = np.argwhere((codes < 0) | (codes >= MIMI_CODEBOOK_SIZE))
+        if len(bad):
+            frame, book = bad[0]
+            raise CsmError(
+                f"frame {frame}, codebook {book} holds code {codes[frame, book]}, outside Mimi's 0..{MIMI_CODEBOOK_SIZE - 1} "
+                f"({len(bad)} such codes): the model emitted one of its spare ids; generate again with another seed"
+            )
         return self._backend.decode_audio(codes)
 
     def watermark(self, audio: np.ndarray, key: Sequence[int] | None = None) -> np.ndarray:

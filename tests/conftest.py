@@ -75,3 +75,26 @@ def tiny_csm_dir(tiny_transformers_dir, tmp_path_factory):
     """The same weights in csm's canonical layout."""
     with _one_torch_thread():
         return _convert_dir(tiny_transformers_dir[0], tmp_path_factory.mktemp("tiny_csm"), "csm")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_transformers_dir, tmp_path_factory):
+    """A complete model folder: tiny transformers weights + tokenizer + a random kyutai Mimi
+    file (what moshi loads), as a user's download would be."""
+    from fakes.mimi import save_kyutai_mimi_file
+
+    from csm_torch.mimi import MIMI_FILE
+
+    dst = tmp_path_factory.mktemp("tiny_model") / "model"
+    shutil.copytree(tiny_transformers_dir[0], dst)
+    with _one_torch_thread():
+        save_kyutai_mimi_file(dst / MIMI_FILE, seed=1)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def watermark_dir(tmp_path_factory):
+    """Random silentcipher weights in the real layout."""
+    from fakes.watermark import make_random_watermark_dir
+
+    return make_random_watermark_dir(tmp_path_factory.mktemp("silentcipher"))

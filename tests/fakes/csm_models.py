@@ -66,6 +66,10 @@ def make_transformers_model(config: CsmConfig, seed: int = 0, codec_config: dict
         for name, p in model.named_parameters():
             if not name.startswith("codec_model.") and p.ndim >= 2:
                 p.normal_(0, 0.08)
+        # Like the trained model, never score the 3 spare ids above Mimi's 2048 codes highly:
+        # zero logits sit far below the top of 2048 random ones, so they are never sampled.
+        model.lm_head.weight[2048:] = 0
+        model.depth_decoder.codebooks_head.weight[..., 2048:] = 0
     return model
 
 
