@@ -53,9 +53,10 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
     ],
     "transformers": [
         ("embed_text_tokens.weight", "text_embeddings.weight"),
-        ("backbone_model.embed_tokens.embed_audio_tokens.weight", "audio_embeddings.weight"),
-        # the depth decoder's tied copy; save_pretrained may keep only this one of the two
+        # Two tied copies of the audio embeddings. save_pretrained keeps only the depth decoder's
+        # (the backbone's is tied to it), so that is the one written; either one loads.
         ("depth_decoder.model.embed_tokens.weight", "audio_embeddings.weight"),
+        ("backbone_model.embed_tokens.embed_audio_tokens.weight", "audio_embeddings.weight"),
         ("depth_decoder.model.inputs_embeds_projector.weight", "projection.weight"),
         ("lm_head.weight", "codebook0_head.weight"),
         ("depth_decoder.codebooks_head.weight", "audio_head"),

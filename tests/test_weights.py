@@ -68,12 +68,14 @@ def test_rename_round_trip_every_name(fmt):
 ])
 def test_known_names(fmt, external, ours):
     assert to_csm_name(external, fmt) == ours
-    if external != "depth_decoder.model.embed_tokens.weight":
+    if external != "backbone_model.embed_tokens.embed_audio_tokens.weight":  # the tied copy not written
         assert from_csm_name(ours, fmt) == external
 
 
 def test_transformers_tied_copy_and_ignored_names():
     assert to_csm_name("depth_decoder.model.embed_tokens.weight", "transformers") == "audio_embeddings.weight"
+    # the copy save_pretrained keeps is the one written, so transformers ties the other to it
+    assert from_csm_name("audio_embeddings.weight", "transformers") == "depth_decoder.model.embed_tokens.weight"
     assert to_csm_name("codec_model.encoder.layers.0.conv.weight", "transformers") is None
     assert to_csm_name("backbone.layers.0.attn.pos_embeddings.theta", "official") is None
     for fmt in FORMATS:

@@ -1,0 +1,90 @@
+"""convert_weights.py / csm-convert: every layout to every other, bit-exact round trips."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import csm
+from csm.convert import MIMI_FILE, convert
+from csm.errors import CsmError
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tensors(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("via", ["official", "csm"])
+def test_transformers_round_trip_is_bit_exact(tiny_model_dir, tmp_path, via):
+    mid = convert(tiny_model_dir, tmp_path / via, to=via)
+    back = convert(mid, tmp_path / "back", to="transformers")
+    original = tensors(tiny_model_dir)
+    # save_pretrained keeps one of the two tied audio-embedding copies; compare the model's tensors
+    assert_same({k: v for k, v in original.items() if not k.startswith("codec_model.")},
+                {k: v for k, v in tensors(back).items() if not k.startswith("codec_model.")})
+    assert (mid / "tokenizer.json").is_file() and (mid / MIMI_FILE).is_file()
+    assert json.loads((back / "config.json").read_text())["model_type"] == "csm"
+
+
+def test_official_layout_permutes_qk_and_back(tiny_model_dir, tmp_path):
+    official = convert(tiny_model_dir, tmp_path / "official", to="official")
+    csm_dir = convert(tiny_model_dir, tmp_path / "csm", to="csm")
+    o, c = tensors(official), tensors(csm_dir)
+    q_official, q_ours = o["backbone.layers.0.attn.q_proj.weight"], c["backbone.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(q_official, q_ours)  # interleaved rows differ from rotate-half rows
+    assert_same(c, tensors(convert(official, tmp_path / "csm2", to="csm")))
+    assert_same(o, tensors(convert(csm_dir, tmp_path / "official2", to="official")))
+
+
+def test_all_layouts_generate_the_same_codes(tiny_model_dir, tmp_path):
+    codes = [
+        csm.load(str(d), device="cpu", dtype="float32").generate_codes("Same words.", topk=1, max_audio_length_ms=480)
+        for d in (tiny_model_dir, convert(tiny_model_dir, tmp_path / "o", to="official"), convert(tiny_model_dir, tmp_path / "c", to="csm"))
+    ]
+    assert (codes[0] == codes[1]).all() and (codes[0] == codes[2]).all()
+
+
+def test_dtype_cast(tiny_model_dir, tmp_path):
+    half = tensors(convert(tiny_model_dir, tmp_path / "bf16", to="csm", dtype="bfloat16"))
+    full = tensors(convert(tiny_model_dir, tmp_path / "f32", to="csm"))
+    assert all(t.dtype == torch.bfloat16 for t in half.values())
+    assert all(torch.equal(half[k], full[k].to(torch.bfloat16)) for k in full)
+
+
+def test_refuses_to_overwrite(tiny_model_dir, tmp_path):
+    (tmp_path / "dst").mkdir()
+    with pytest.raises(CsmError, match="already exists"):
+        convert(tiny_model_dir, tmp_path / "dst", to="csm")
+    convert(tiny_model_dir, tmp_path / "dst", to="csm", force=True)
+    assert (tmp_path / "dst" / "model.safetensors").is_file()
+
+
+def test_script_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "convert_weights.py"), str(tmp_path / "missing"), str(tmp_path / "out"),
+                        "--to", "csm"], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"})
+    assert r.returncode == 2 and r.stderr.startswith("error: model not found") and "Traceback" not in r.stderr
+
+
+def test_transformers_loads_our_conversion(tiny_transformers_dir, tiny_model_dir, tmp_path):
+    from transformers import CsmForConditionalGeneration
+
+    theirs = convert(convert(tiny_model_dir, tmp_path / "o", to="official"), tmp_path / "t", to="transformers")
+    hf = CsmForConditionalGeneration.from_pretrained(theirs).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = tiny_transformers_dir[1].generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=4)
+        got = hf.generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=4)
+    assert torch.equal(expected, got)
