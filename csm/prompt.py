@@ -12,17 +12,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from csm.audio import MODEL_SAMPLE_RATE, resample
 from csm.errors import CsmError
 from csm.text import TextTokenizer
 
 
 @dataclass
 class Segment:
-    """One turn of a conversation. `audio`: mono float32 at 24 kHz, or None for text only."""
+    """One turn of a conversation. `audio`: mono float32, or None for text only; audio at another
+    `sample_rate` than Mimi's 24 kHz is resampled here, once."""
 
     speaker: int
     text: str
     audio: np.ndarray | None = None
+    sample_rate: int = MODEL_SAMPLE_RATE
 
     def __post_init__(self):
         if not isinstance(self.speaker, (int, np.integer)) or self.speaker < 0:
@@ -34,7 +37,8 @@ class Segment:
                     f"segment audio must be mono (1-D), got shape {audio.shape}; average the channels "
                     "(csm.audio.to_mono) or load it with csm.audio.read_audio"
                 )
-            self.audio = audio
+            self.audio = resample(audio, self.sample_rate, MODEL_SAMPLE_RATE)
+            self.sample_rate = MODEL_SAMPLE_RATE
 
 
 @dataclass

@@ -119,3 +119,8 @@ def test_bad_speaker_is_an_error(speaker):
 
 def test_numpy_integer_speaker_is_accepted():
     assert Segment(np.int64(2), "hi").speaker == 2
+
+
+def test_audio_at_another_rate_is_resampled_to_24k():
+    seg = Segment(speaker=0, text="hi", audio=np.zeros(16_000, dtype=np.float64), sample_rate=16_000)
+    assert seg.audio.dtype == np.float32 and seg.audio.shape == (24_000,) and seg.sample_rate == 24_000
