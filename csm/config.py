@@ -16,12 +16,11 @@ No framework imports here: both backends and the converter build from this.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from csm.errors import CsmError
+from csm.errors import CsmError, read_json
 
 CSM_FORMAT_VERSION = 1
 
@@ -103,14 +102,7 @@ class CsmConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "CsmConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CsmError(f"config file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CsmError(f"{path} is not valid JSON ({exc})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "config file"))
 
 
 PRESETS: dict[str, CsmConfig] = {

@@ -8,3 +8,17 @@ class CsmError(Exception):
 
 class CheckpointError(CsmError):
     """A checkpoint that is missing, corrupt, truncated, or does not match the config."""
+
+
+def read_json(path, what: str):
+    """Parse a JSON file, turning a missing or malformed one into a CsmError naming `what`."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CsmError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CsmError(f"{what} {path} is not valid JSON ({exc})") from None

@@ -8,7 +8,6 @@ codebooks of 2048 codes. Weights come from kyutai's original checkpoint file, or
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 

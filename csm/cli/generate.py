@@ -7,7 +7,6 @@ be, and reported as one line with a non-zero exit.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import click
 
 from csm.cli.common import entry_point
-from csm.errors import CsmError
+from csm.errors import CsmError, read_json
 from csm.hub import DEFAULT_MODEL
 from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOPK, FRAME_MS, SamplingParams, max_frames
 
@@ -25,12 +24,7 @@ def read_context(path: Path, sample_rate: int) -> list:
     from csm.audio import read_audio
     from csm.prompt import Segment
 
-    try:
-        items = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CsmError(f"context file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CsmError(f"context file {path} is not valid JSON ({exc})") from None
+    items = read_json(path, "context file")
     if not isinstance(items, list):
         raise CsmError(f'context file {path} must hold a list of {{"speaker": 0, "text": "...", "audio": "file.wav"}}')
     segments = []
