@@ -28,7 +28,8 @@ from csm_torch.generator import FrameGenerator, load_model
 d, device, dtype, frames, n = sys.argv[1], torch.device(sys.argv[2]), getattr(torch, sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(torch.get_num_threads())
 model = load_model(open_checkpoint(d), device, dtype)
-gen = FrameGenerator(model)
+graph = sys.argv[6] == "graph"
+gen = FrameGenerator(model, cuda_graph=graph)
 prompt = text_frames(list(range(1, n + 1)), model.config.audio_num_codebooks)
 p = SamplingParams(topk=1)
 def run():
@@ -38,7 +39,7 @@ def run():
     return time.perf_counter() - t, codes
 run()
 elapsed, codes = run()
-print(json.dumps({"impl": "csm eager", "frames": len(codes), "seconds": elapsed, "codes": codes.tolist()}))
+print(json.dumps({"impl": "csm cuda graph" if graph else "csm eager", "frames": len(codes), "seconds": elapsed, "codes": codes.tolist()}))
 """
 
 _THEIRS = r"""
@@ -82,13 +83,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = a.dir or write_random_checkpoint(Path(tmp) / "ckpt", PRESETS[a.preset], "transformers", getattr(torch, a.dtype))
-        rows = [_run(s, ckpt, a.device, a.dtype, a.frames, PROMPT_TOKENS) for s in (_OURS, _THEIRS)]
-    same = rows[0]["codes"] == rows[1]["codes"]
+        rows = [_run(_OURS, ckpt, a.device, a.dtype, a.frames, PROMPT_TOKENS, "eager")]
+        if a.device.startswith("cuda"):
+            rows.append(_run(_OURS, ckpt, a.device, a.dtype, a.frames, PROMPT_TOKENS, "graph"))
+        rows.append(_run(_THEIRS, ckpt, a.device, a.dtype, a.frames, PROMPT_TOKENS))
+    same = all(r["codes"] == rows[-1]["codes"] for r in rows)
     for r in rows:
         r["frames_per_s"] = r["frames"] / r["seconds"]
+    for r in rows:
         del r["codes"]
     print(json.dumps({"preset": a.preset, "device": a.device, "dtype": a.dtype, "same_codes": same,
-                      "speedup": rows[0]["frames_per_s"] / rows[1]["frames_per_s"], "rows": rows}, indent=2))
+                      "speedup_over_transformers": {r["impl"]: r["frames_per_s"] / rows[-1]["frames_per_s"] for r in rows[:-1]},
+                      "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ class TorchBackend:
         self.device = str(self.torch_device)
         self.config = ckpt.config
         self.model = load_model(ckpt, self.torch_device, self.dtype)
-        self._frames = FrameGenerator(self.model)
+        # CUDA replays each frame from a captured graph; elsewhere the same code runs eagerly
+        self._frames = FrameGenerator(self.model, cuda_graph=self.torch_device.type == "cuda")
         self._model_dir: Path = ckpt.root
         self._mimi_source = mimi
         self._codec = None

@@ -22,7 +22,7 @@ from csm.errors import CsmError
 from csm.sampling import SamplingParams
 from csm.weights import check_complete, to_csm
 from csm_torch.model import Model, rope_table
-from csm_torch.sampling import sample
+from csm_torch.sampling import draw_noise, sample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,33 +83,80 @@ def init_buffers(model: Model, device: torch.device) -> None:
 
 
 class FrameGenerator:
-    """Owns the static caches of one model for a batch size, and runs the frame loop."""
+    """Owns the static caches of one model for a batch size, and runs the frame loop.
 
-    def __init__(self, model: Model, batch_size: int = 1):
+    With `cuda_graph=True` (CUDA only) the prompt is prefilled eagerly, then one whole frame,
+    backbone step + 31 decoder steps + 32 samples, is captured as a CUDA graph over static
+    input buffers and replayed for every further frame. Eager and graphed loops run the same
+    `frame` code on the same pre-drawn noise, so they give the same codes.
+    """
+
+    def __init__(self, model: Model, batch_size: int = 1, cuda_graph: bool = False):
         self.model = model
         self.config: CsmConfig = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if cuda_graph and self.device.type != "cuda":
+            raise CsmError("CUDA graphs need a CUDA device")
+        self.cuda_graph = cuda_graph
+        self.batch_size = batch_size
         self.max_seq_len = self.config.backbone.max_seq_len
         self.backbone_cache = model.backbone.make_cache(batch_size, self.max_seq_len, self.device, self.dtype)
         self.decoder_cache = model.decoder.make_cache(batch_size, self.config.audio_num_codebooks, self.device, self.dtype)
         self._decoder_positions = torch.arange(self.config.audio_num_codebooks + 1, device=self.device)
+        # one decode step's inputs: last frame's codes (text column off), its position
+        width = self.config.frame_width
+        self.step_tokens = torch.zeros(batch_size, 1, width, dtype=torch.long, device=self.device)
+        self.step_mask = torch.ones(batch_size, 1, width, dtype=torch.bool, device=self.device)
+        self.step_mask[..., -1] = False
+        self.step_pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._graphs: dict[SamplingParams, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
 
-    def frame(self, tokens, mask, input_pos, params: SamplingParams, generator=None) -> torch.Tensor:
-        """One frame of codes [B, 32] for the positions `input_pos` of tokens/mask [B, T, 33]."""
+    def frame(self, tokens, mask, input_pos, params: SamplingParams, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One frame of codes [B, 32] for the positions `input_pos` of tokens/mask [B, T, 33];
+        `noise` [32, B, k] from `draw_noise` (None when greedy)."""
         m = self.model
         h = m.backbone(m.embed_frames(tokens, mask), input_pos, self.backbone_cache)[:, -1]  # [B, D]
-        c = sample(m.codebook0_head(h), params, generator)
+        c = sample(m.codebook0_head(h), params, None if noise is None else noise[0])
         codes = [c]
         x = torch.stack([h, m.embed_audio(0, c)], dim=1)  # [B, 2, D]
         pos = self._decoder_positions[:2]
         for i in range(1, self.config.audio_num_codebooks):
             state = m.decoder(m.projection(x), pos, self.decoder_cache)[:, -1]  # [B, D_dec]
-            c = sample(m.codebook_logits(i, state), params, generator)
+            c = sample(m.codebook_logits(i, state), params, None if noise is None else noise[i])
             codes.append(c)
             x = m.embed_audio(i, c).unsqueeze(1)
             pos = self._decoder_positions[i + 1 : i + 2]
         return torch.stack(codes, dim=1)
+
+    def _noise(self, params: SamplingParams, generator, out=None):
+        return draw_noise(params, self.config.audio_num_codebooks, self.batch_size, self.config.audio_vocab_size,
+                          self.device, generator, out)
+
+    def _graph(self, params: SamplingParams):
+        """The captured decode step for these sampling settings (captured once, then reused)."""
+        if params not in self._graphs:
+            noise = self._noise(params, None)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up allocations happen outside the graph
+                self.frame(self.step_tokens, self.step_mask, self.step_pos, params, noise)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.frame(self.step_tokens, self.step_mask, self.step_pos, params, noise)
+            self._graphs[params] = (graph, out, noise)
+        return self._graphs[params]
+
+    def _step(self, params: SamplingParams, generator) -> torch.Tensor:
+        """One decode frame from the static step buffers."""
+        if not self.cuda_graph:
+            return self.frame(self.step_tokens, self.step_mask, self.step_pos, params, self._noise(params, generator))
+        graph, out, noise = self._graph(params)
+        if noise is not None:
+            self._noise(params, generator, out=noise)
+        graph.replay()
+        return out
 
     @torch.inference_mode()
     def generate(
@@ -120,34 +167,44 @@ class FrameGenerator:
         params: SamplingParams,
         seed: int | None = None,
         on_frame: Callable[[int], None] | None = None,
+        check_every: int | None = None,
     ) -> np.ndarray:
-        """Prompt frames [T, 33] -> generated codes [F, 32] (F <= max_frames)."""
+        """Prompt frames [T, 33] -> generated codes [F, 32] (F <= max_frames).
+
+        The end-of-speech check (an all-zero frame) is the only host sync; it runs every
+        `check_every` frames (default 1 eager, 8 graphed) and frames after the stop are dropped:
+        attention is causal, so the frames before it do not depend on them.
+        """
         n = tokens.shape[0]
         if n + max_frames >= self.max_seq_len:
             raise CsmError(
                 f"the prompt ({n} positions, context included) plus up to {max_frames} audio frames does not fit "
                 f"the model's {self.max_seq_len} positions; shorten the context or lower the max audio length"
             )
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(self.device).manual_seed(seed)
+        if self.batch_size != 1:
+            raise CsmError("generate() runs one stream; make a FrameGenerator with batch_size=1")
+        check_every = check_every or (8 if self.cuda_graph else 1)
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         tok = torch.from_numpy(tokens).to(self.device).long().unsqueeze(0)
         msk = torch.from_numpy(mask).to(self.device).bool().unsqueeze(0)
-        pos = torch.arange(n, device=self.device)
-        audio_mask = torch.ones(1, 1, self.config.frame_width, dtype=torch.bool, device=self.device)
-        audio_mask[..., -1] = False
-        zero_text = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        frames = []
-        for i in range(max_frames):
-            codes = self.frame(tok, msk, pos, params, generator)  # [1, 32]
-            if not codes.any():  # end of speech: an all-zero frame, not kept
+        frames = torch.zeros(max_frames, self.config.audio_num_codebooks, dtype=torch.long, device=self.device)
+        frames[0] = self.frame(tok, msk, torch.arange(n, device=self.device), params, self._noise(params, generator))[0]
+        self.step_pos.fill_(n)
+        kept = None
+        checked = 0
+        for i in range(1, max_frames + 1):
+            if i % check_every == 0 or i == max_frames:
+                silent = (~frames[checked:i].any(dim=1)).nonzero()  # the sync
+                if len(silent):
+                    kept = checked + int(silent[0])
+                    break
+                checked = i
+                if on_frame is not None:
+                    on_frame(i)
+            if i == max_frames:
                 break
-            frames.append(codes)
-            if on_frame is not None:
-                on_frame(i + 1)
-            tok = torch.cat([codes, zero_text], dim=1).unsqueeze(1)  # [1, 1, 33]
-            msk = audio_mask
-            pos = pos[-1:] + 1
-        if not frames:
-            return np.zeros((0, self.config.audio_num_codebooks), dtype=np.int64)
-        return torch.cat(frames).cpu().numpy().astype(np.int64)
+            self.step_tokens[0, 0, :-1] = frames[i - 1]
+            frames[i] = self._step(params, generator)[0]
+            self.step_pos += 1
+        kept = max_frames if kept is None else kept
+        return frames[:kept].cpu().numpy().astype(np.int64)

@@ -41,37 +41,15 @@ def test_half_precision_logits_close_to_float32(tiny_csm_dir, dtype):
     assert codes.shape[1] == 32 and (codes >= 0).all() and (codes < 2051).all()
 
 
-def test_frame_replays_as_one_cuda_graph(tiny_csm_dir):
-    """Prefill eagerly, then capture one frame and replay it: same greedy codes as the eager loop."""
+@pytest.mark.parametrize("params, seed", [(SamplingParams(topk=1), None), (SamplingParams(temperature=0.9, topk=50), 7)])
+def test_cuda_graph_loop_equals_eager_loop(tiny_csm_dir, params, seed):
+    """Prefill eagerly, then every frame replayed from one captured graph: same codes as eager,
+    greedy and seeded sampling alike, also when a second call reuses the captured graph."""
     gen = csm.load(str(tiny_csm_dir), device="cuda", dtype="float32")
     prompt = gen.prompt(TEXT, 0)
-    params = SamplingParams(topk=1)
-    eager = gen._backend._frames.generate(prompt.tokens, prompt.mask, 8, params)
-
-    frames = FrameGenerator(gen._backend.model)
-    n = len(prompt)
-    with torch.inference_mode():
-        tok = torch.from_numpy(prompt.tokens)[None].cuda()
-        mask = torch.from_numpy(prompt.mask)[None].cuda()
-        first = frames.frame(tok, mask, torch.arange(n, device="cuda"), params)
-        # static inputs of one decode step
-        step_tok = torch.zeros(1, 1, 33, dtype=torch.long, device="cuda")
-        step_mask = torch.ones(1, 1, 33, dtype=torch.bool, device="cuda")
-        step_mask[..., -1] = False
-        step_pos = torch.tensor([n], device="cuda")
-        step_tok[0, 0, :32] = first[0]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (allocations) outside the graph
-            frames.frame(step_tok, step_mask, step_pos, params)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = frames.frame(step_tok, step_mask, step_pos, params)
-        codes = [first[0].cpu().numpy()]
-        for i in range(1, 8):
-            step_pos.fill_(n + i - 1)
-            step_tok[0, 0, :32] = torch.from_numpy(codes[-1]).cuda()
-            graph.replay()
-            codes.append(out[0].cpu().numpy())
-    np.testing.assert_array_equal(np.stack(codes), eager)
+    model = gen._backend.model
+    eager = FrameGenerator(model).generate(prompt.tokens, prompt.mask, 12, params, seed=seed)
+    graphed = FrameGenerator(model, cuda_graph=True)
+    for _ in range(2):
+        np.testing.assert_array_equal(graphed.generate(prompt.tokens, prompt.mask, 12, params, seed=seed), eager)
+    assert len(eager) == 12

@@ -130,9 +130,9 @@ def test_forward_train_matches_step_by_step_generation(gen, monkeypatch):
     recorded = []
     original = generator_module.sample
 
-    def recording_sample(logits, params, generator=None):
+    def recording_sample(logits, params, noise=None):
         recorded.append(logits.detach().clone())
-        return original(logits, params, generator)
+        return original(logits, params, noise)
 
     monkeypatch.setattr(generator_module, "sample", recording_sample)
     text, speaker = CASES[0]
