@@ -91,8 +91,12 @@ class FrameGenerator:
     `frame` code on the same pre-drawn noise, so they give the same codes.
     """
 
-    def __init__(self, model: Model, batch_size: int = 1, cuda_graph: bool = False):
+    def __init__(self, model: Model, batch_size: int = 1, cuda_graph: bool = False, compile: bool = False):
         self.model = model
+        # torch.compile fuses each stack's small kernels (norms, RoPE, SwiGLU) for the fixed decode
+        # shapes; the prompt's prefill, whose length varies, stays eager.
+        self._backbone_step = torch.compile(model.backbone, dynamic=False) if compile else model.backbone
+        self._decoder = torch.compile(model.decoder, dynamic=False) if compile else model.decoder
         self.config: CsmConfig = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -112,17 +116,19 @@ class FrameGenerator:
         self.step_pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._graphs: dict[SamplingParams, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
 
-    def frame(self, tokens, mask, input_pos, params: SamplingParams, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def frame(self, tokens, mask, input_pos, params: SamplingParams, noise: torch.Tensor | None = None,
+              prefill: bool = False) -> torch.Tensor:
         """One frame of codes [B, 32] for the positions `input_pos` of tokens/mask [B, T, 33];
         `noise` [32, B, k] from `draw_noise` (None when greedy)."""
         m = self.model
-        h = m.backbone(m.embed_frames(tokens, mask), input_pos, self.backbone_cache)[:, -1]  # [B, D]
+        backbone = m.backbone if prefill else self._backbone_step
+        h = backbone(m.embed_frames(tokens, mask), input_pos, self.backbone_cache)[:, -1]  # [B, D]
         c = sample(m.codebook0_head(h), params, None if noise is None else noise[0])
         codes = [c]
         x = torch.stack([h, m.embed_audio(0, c)], dim=1)  # [B, 2, D]
         pos = self._decoder_positions[:2]
         for i in range(1, self.config.audio_num_codebooks):
-            state = m.decoder(m.projection(x), pos, self.decoder_cache)[:, -1]  # [B, D_dec]
+            state = self._decoder(m.projection(x), pos, self.decoder_cache)[:, -1]  # [B, D_dec]
             c = sample(m.codebook_logits(i, state), params, None if noise is None else noise[i])
             codes.append(c)
             x = m.embed_audio(i, c).unsqueeze(1)
@@ -188,7 +194,7 @@ class FrameGenerator:
         tok = torch.from_numpy(tokens).to(self.device).long().unsqueeze(0)
         msk = torch.from_numpy(mask).to(self.device).bool().unsqueeze(0)
         frames = torch.zeros(max_frames, self.config.audio_num_codebooks, dtype=torch.long, device=self.device)
-        frames[0] = self.frame(tok, msk, torch.arange(n, device=self.device), params, self._noise(params, generator))[0]
+        frames[0] = self.frame(tok, msk, torch.arange(n, device=self.device), params, self._noise(params, generator), prefill=True)[0]
         self.step_pos.fill_(n)
         kept = None
         checked = 0

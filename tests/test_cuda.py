@@ -53,3 +53,12 @@ def test_cuda_graph_loop_equals_eager_loop(tiny_csm_dir, params, seed):
     for _ in range(2):
         np.testing.assert_array_equal(graphed.generate(prompt.tokens, prompt.mask, 12, params, seed=seed), eager)
     assert len(eager) == 12
+
+
+def test_compiled_cuda_graph_loop_equals_eager_loop(tiny_csm_dir):
+    gen = csm.load(str(tiny_csm_dir), device="cuda", dtype="float32")
+    prompt = gen.prompt(TEXT, 0)
+    params = SamplingParams(topk=1)
+    eager = FrameGenerator(gen._backend.model).generate(prompt.tokens, prompt.mask, 12, params)
+    fast = FrameGenerator(gen._backend.model, cuda_graph=True, compile=True)
+    np.testing.assert_array_equal(fast.generate(prompt.tokens, prompt.mask, 12, params), eager)
