@@ -7,27 +7,13 @@
 from __future__ import annotations
 
 import sys
-from functools import wraps
-
 import click
 
+from csm.cli.common import entry_point
 from csm.errors import CsmError
+from csm.watermark import PUBLIC_KEY, format_key
 
-_DEFAULT_KEY = "212,211,146,56,201"
-
-
-def _fail_cleanly(func):
-    """CsmError -> `error: <message>` on stderr and exit code 2, without a traceback."""
-
-    @wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except CsmError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
+_DEFAULT_KEY = format_key(PUBLIC_KEY)
 
 
 def _native_rate(path: str) -> int | None:
@@ -51,16 +37,15 @@ _model_option = click.option(
 )
 
 
-@click.group()
-def main():
+@click.group(name="csm-watermark")
+def cli():
     """Check for or embed the silentcipher watermark on audio files."""
 
 
-@main.command()
+@cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @_key_option
 @_model_option
-@_fail_cleanly
 def check(file, key, watermark_model):
     """Exit 0 if FILE carries the watermark KEY, 1 if not."""
     from csm.audio import read_audio
@@ -79,13 +64,12 @@ def check(file, key, watermark_model):
     sys.exit(1)
 
 
-@main.command()
+@cli.command()
 @click.argument("input_path", metavar="IN", type=click.Path(dir_okay=False))
 @click.argument("output_path", metavar="OUT", type=click.Path(dir_okay=False))
 @_key_option
 @_model_option
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-@_fail_cleanly
 def embed(input_path, output_path, key, watermark_model, force):
     """Write a watermarked mono copy of IN to OUT (16-bit WAV, IN's sample rate)."""
     from pathlib import Path
@@ -104,6 +88,8 @@ def embed(input_path, output_path, key, watermark_model, force):
     write_wav(out, marked, rate, force=force)
     click.echo(f"wrote {out} (watermark key {format_key(wanted)})")
 
+
+main = entry_point(cli)
 
 if __name__ == "__main__":
     main()
