@@ -17,6 +17,7 @@ from csm.errors import CsmError
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
+EMBEDDING_BITS = 8
 
 
 class QuantizedCodebookHeads(nn.Module):
@@ -59,23 +60,52 @@ def check_quantization(bits: int, group_size: int, model) -> None:
                        f"choose a group size that divides them (--group-size 32)")
 
 
-def quantize_model(model, bits: int, group_size: int = 64) -> None:
-    """Quantize `model` in place: every Linear and Embedding, and `audio_head`."""
+def quantization_config(bits: int, group_size: int = 64) -> dict:
+    """mlx-lm's `quantization` entry for csm: defaults, plus per-module overrides for the embeddings.
+
+    The embeddings stay at 8 bits whatever `bits` is: a lookup reads a few rows per frame, so fewer
+    bits save memory but no time, and their error goes straight into the residual stream (on the
+    tiny test model, 4-bit embeddings cost more logit fidelity than all 4-bit layers together)."""
+    embeddings = {"group_size": group_size, "bits": max(bits, EMBEDDING_BITS)}
+    return {"group_size": group_size, "bits": bits, "text_embeddings": embeddings, "audio_embeddings": dict(embeddings)}
+
+
+def _parse(quantization: dict) -> tuple[int, int]:
+    try:
+        return int(quantization["bits"]), int(quantization["group_size"])
+    except (KeyError, TypeError, ValueError):
+        raise CsmError(f"config.json has a malformed quantization entry {quantization!r}; "
+                       'expected {"group_size": 64, "bits": 4}') from None
+
+
+def _quantize_layers(model, quantization: dict) -> None:
+    """nn.quantize with mlx-lm's per-path overrides (a dict entry under the module's path)."""
+    bits, group_size = _parse(quantization)
     check_quantization(bits, group_size, model)
-    nn.quantize(model, group_size=group_size, bits=bits)
+
+    def predicate(path: str, module) -> bool | dict:
+        if not hasattr(module, "to_quantized"):
+            return False
+        override = quantization.get(path)
+        return override if isinstance(override, dict) else True
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+
+
+def quantize_model(model, bits: int, group_size: int = 64) -> dict:
+    """Quantize `model` in place (every Linear and Embedding, and `audio_head`); returns the
+    config entry that describes it."""
+    quantization = quantization_config(bits, group_size)
+    _quantize_layers(model, quantization)
     model.audio_head = QuantizedCodebookHeads.from_float(model.audio_head, group_size, bits)
     mx.eval(model.parameters())
+    return quantization
 
 
 def quantize_skeleton(model, quantization: dict) -> None:
     """Give a freshly built model the quantized layout described by a config's `quantization`
     entry, so that a quantized directory's weights load into it as they are."""
-    try:
-        bits, group_size = int(quantization["bits"]), int(quantization["group_size"])
-    except (KeyError, TypeError, ValueError):
-        raise CsmError(f"config.json has a malformed quantization entry {quantization!r}; "
-                       'expected {"group_size": 64, "bits": 4}') from None
-    check_quantization(bits, group_size, model)
-    nn.quantize(model, group_size=group_size, bits=bits)
+    _quantize_layers(model, quantization)
+    bits, group_size = _parse(quantization)
     num_heads, dims, vocab = model.audio_head.shape
     model.audio_head = QuantizedCodebookHeads(num_heads, dims, vocab, group_size, bits)
