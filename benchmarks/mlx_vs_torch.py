@@ -8,6 +8,22 @@ vocabularies of audio (2051 x 32 codebooks) and a small text vocabulary (its siz
 per frame). Each implementation runs greedy (top-k 1) in its own process, from the same text
 prompt, one after the other; the figure is frames / wall time of a whole `generate` call
 (prefill included), after one warm-up call of the same length (which also traces `mx.compile`).
+
+Measured (Linux x86-64, 2 cores, MLX 0.32.4 CPU build, torch 2.x CPU, float32, 16 frames; the
+machine is noisy, so two runs each):
+
+| tiny (4 x 512 / 2 x 256) on cpu | frames/s |
+|---|---|
+| torch (eager) | 17.7, 14.3 |
+| mlx, no mx.compile | 6.8, 7.9 |
+| mlx, mx.compile | 7.4, 7.9 |
+| mlx 8-bit / 4-bit, mx.compile | 7.1 / 7.7 |
+
+Interleaved in one process (4 alternating runs, median), `mx.compile` of the per-frame decoder
+loop gives 8.2 vs 7.0 frames/s greedy and 7.2 vs 6.1 with top-k 50 sampling: +15-18%, so it is
+on by default. MLX's Linux CPU build uses reference kernels and trails torch here; the backend
+is built for the Apple GPU, where these figures do not apply. Greedy codes of float MLX equal
+torch's; quantized ones differ by design.
 """
 
 from __future__ import annotations

@@ -116,3 +116,16 @@ def test_quantization_errors_name_the_fix(float_dir, tiny_csm_dir, tmp_path):
         convert(float_dir, tmp_path / "x", "csm", quantize=4)
     with pytest.raises(csm.CsmError, match="4 or 8"):
         load_mlx(float_dir, quantize=3)
+
+
+def test_convert_script_writes_a_quantized_folder(float_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from csm.convert import main
+
+    r = CliRunner().invoke(main, [str(float_dir), str(tmp_path / "q8"), "--to", "mlx", "--quantize", "8", "--group-size", "32"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "q8" / "config.json").read_text())
+    assert config["quantization"]["bits"] == 8 and config["quantization"]["group_size"] == 32
+    r = CliRunner().invoke(main, [str(float_dir), str(tmp_path / "q8"), "--to", "mlx", "--quantize", "8"])
+    assert r.exit_code == 2 and "already exists" in r.output
