@@ -133,12 +133,14 @@ def load(
     mimi: str | None = None,
     tokenizer: str | None = None,
     watermark_model: str | None = None,
+    quantize: int | None = None,
 ) -> Generator:
-    """Load CSM from a local folder/file or a Hub repo id, on `backend` ("auto", "torch")."""
+    """Load CSM from a local folder/file or a Hub repo id, on `backend` ("auto", "torch", "mlx").
+    `quantize` (4 or 8, MLX only) quantizes float weights at load; quantized folders need no flag."""
     name = select_backend(backend)
     ckpt = open_checkpoint(resolve_model(model))
     text_tokenizer = load_tokenizer(ckpt.root, tokenizer)
-    return Generator(create_backend(name, ckpt, device, dtype, mimi), text_tokenizer, watermark_model)
+    return Generator(create_backend(name, ckpt, device, dtype, mimi, quantize), text_tokenizer, watermark_model)
 
 
 def load_csm_1b(device: str = "cuda", model: str | Path = DEFAULT_MODEL, **kwargs) -> Generator:

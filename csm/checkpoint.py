@@ -3,7 +3,8 @@
 A model location is a directory (``config.json`` + ``model.safetensors``, sharded
 ``model-0000x-of-0000y.safetensors`` with their index, or ``ckpt.pt``) or a single weights file.
 Tensors are streamed so a loader never holds two copies of the weights. safetensors files are
-read for any framework (``"pt"``, ``"numpy"``, ``"mlx"``); ``ckpt.pt`` needs torch.
+read for any framework (``"pt"``, ``"numpy"``, ``"mlx"``); ``ckpt.pt`` needs torch. A directory
+quantized for MLX (``convert_weights.py --to mlx --quantize 4``) says so in its config.json.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from csm.config import PRESETS, CsmConfig
-from csm.errors import CheckpointError, CsmError
+from csm.errors import CheckpointError, CsmError, read_json
 from csm.weights import detect_format, expected_shapes, to_csm_name
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -26,6 +27,8 @@ class Checkpoint:
     files: tuple[Path, ...]  # weight files, in order
     format: str  # "official" | "transformers" | "csm"
     config: CsmConfig
+    # mlx-lm's {"group_size": 64, "bits": 4} for a directory quantized for MLX, else None
+    quantization: dict | None = None
 
     @property
     def is_safetensors(self) -> bool:
@@ -116,7 +119,16 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     shapes = tensor_shapes(files)
     fmt = detect_format(shapes)
     root = path if path.is_dir() else path.parent
-    return Checkpoint(root=root, files=files, format=fmt, config=_config_for(root, shapes, fmt))
+    config = _config_for(root, shapes, fmt)
+    return Checkpoint(root=root, files=files, format=fmt, config=config, quantization=_quantization_for(root))
+
+
+def _quantization_for(root: Path) -> dict | None:
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        return None
+    d = read_json(config_file, "config file")
+    return d.get("quantization") if isinstance(d, dict) else None
 
 
 def iter_tensors(ckpt: Checkpoint, framework: str = "pt") -> Iterator[tuple[str, Any]]:

@@ -2,11 +2,15 @@
 
     csm-convert SRC DST --to csm [--dtype bfloat16] [--force]
     python convert_weights.py SRC DST --to transformers
+    python convert_weights.py SRC DST --to mlx [--quantize 4|8] [--group-size 64]
 
 SRC is a folder, a weights file or a Hub id; DST a new folder, written atomically (a temporary
 folder renamed into place). Tensors stream through `csm.weights`, the same table the loaders
 use, so a round trip is bit-exact. The tokenizer and Mimi travel along: Mimi is stored inside
 transformers checkpoints (`codec_model.*`) and beside the others as kyutai's original file.
+
+`--to mlx` writes an mlx-lm-style folder: csm's names, saved by MLX, optionally quantized (config.json
+then carries mlx-lm's `quantization` entry, and loading it needs no flags); Mimi stays float.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CODEC_PREFIX = "codec_model."
 DTYPES = ("float32", "bfloat16", "float16")
+TARGETS = (*FORMATS, "mlx")
 
 
 def _config_dict(ckpt: Checkpoint, fmt: str) -> dict:
@@ -51,25 +56,51 @@ def _codec_tensors(ckpt: Checkpoint, cast) -> dict:
     return {name: cast(t) for name, t in iter_tensors(ckpt, "pt") if name.startswith(CODEC_PREFIX)}
 
 
-def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None, force: bool = False) -> Path:
+def _write_mlx(ckpt: Checkpoint, tmp: Path, dtype: str | None, quantize: int | None, group_size: int) -> None:
+    """The model as csm_mlx holds it (quantized if asked), saved by MLX, with its config."""
+    try:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        from csm_mlx.generator import DTYPES as MLX_DTYPES
+        from csm_mlx.generator import load_model
+        from csm_mlx.quantize import quantization_config
+    except ImportError as exc:
+        raise CsmError(f"--to mlx needs MLX ({exc}); install it with `pip install 'csm[mlx]'`") from None
+    if ckpt.quantization is not None:
+        raise CsmError(f"{ckpt.root} is already quantized; convert the float checkpoint instead")
+    model = load_model(ckpt, MLX_DTYPES[dtype or "float32"], quantize=quantize, group_size=group_size)
+    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+    config = ckpt.config.to_dict()
+    if quantize is not None:
+        config["quantization"] = quantization_config(quantize, group_size)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None, force: bool = False,
+            quantize: int | None = None, group_size: int = 64) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    if to not in FORMATS:
-        raise CsmError(f"unknown format {to!r}; use one of {', '.join(FORMATS)}")
+    if to not in TARGETS:
+        raise CsmError(f"unknown format {to!r}; use one of {', '.join(TARGETS)}")
     if dtype is not None and dtype not in DTYPES:
         raise CsmError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if quantize is not None and to != "mlx":
+        raise CsmError("--quantize writes MLX weights; use it with --to mlx")
     dst = Path(dst)
     if dst.exists() and not force:
         raise CsmError(f"{dst} already exists; pass --force to replace it")
     ckpt = open_checkpoint(resolve_model(src))
+    if ckpt.quantization is not None and to != "mlx":
+        raise CsmError(f"{ckpt.root} holds weights quantized for MLX; convert the float checkpoint instead")
     target = getattr(torch, dtype) if dtype else None
 
     def cast(t):
         t = t if target is None or not t.is_floating_point() else t.to(target)
         return t.contiguous()
 
-    tensors = dict(convert_state(iter_tensors(ckpt, "pt"), ckpt.format, to, ckpt.config, cast))
+    tensors = {} if to == "mlx" else dict(convert_state(iter_tensors(ckpt, "pt"), ckpt.format, to, ckpt.config, cast))
     codec = _codec_tensors(ckpt, cast)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +115,11 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
             save_file({k: v.contiguous() for k, v in original.items()}, str(tmp / MIMI_FILE))
         if to != "transformers" and (ckpt.root / MIMI_FILE).is_file():
             shutil.copy2(ckpt.root / MIMI_FILE, tmp / MIMI_FILE)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(_config_dict(ckpt, to), indent=2) + "\n")
+        if to == "mlx":
+            _write_mlx(ckpt, tmp, dtype, quantize, group_size)
+        else:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(_config_dict(ckpt, to), indent=2) + "\n")
         for name in TOKENIZER_FILES:
             if (ckpt.root / name).is_file():
                 shutil.copy2(ckpt.root / name, tmp / name)
@@ -101,13 +135,15 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("src")
 @click.argument("dst", type=click.Path())
-@click.option("--to", "to", type=click.Choice(FORMATS), required=True, help="Layout to write.")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Cast floating-point weights (default: keep).")
+@click.option("--to", "to", type=click.Choice(TARGETS), required=True, help="Layout to write (mlx: for csm-generate-mlx).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Cast floating-point weights (default: keep; mlx: float32).")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="With --to mlx: 4- or 8-bit weights (Mimi stays float).")
+@click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size (32, 64 or 128).")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
-def main(src: str, dst: str, to: str, dtype: str | None, force: bool) -> None:
+def main(src: str, dst: str, to: str, dtype: str | None, quantize: str | None, group_size: int, force: bool) -> None:
     """Convert the CSM checkpoint SRC (folder, file or Hub id) into a new folder DST."""
     try:
-        out = convert(src, dst, to, dtype, force)
+        out = convert(src, dst, to, dtype, force, None if quantize is None else int(quantize), group_size)
     except CsmError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -7,120 +7,17 @@ codebooks of 2048 codes. Weights come from kyutai's original checkpoint file, or
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from csm.errors import CheckpointError, CsmError
-from csm.mimi_names import transformers_to_original
-
-MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
-MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
-NUM_CODEBOOKS = 32
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920
-CODEC_PREFIX = "codec_model."
-
-KYUTAI_FILE = "kyutai"
-TRANSFORMERS = "transformers"
-
-_FIX = (
-    f"pass --mimi PATH to {MIMI_FILE}, or download it once with "
-    f"`huggingface-cli download {MIMI_REPO} {MIMI_FILE}`"
+from csm.mimi_files import (  # noqa: F401  (re-exported: the torch codec's public names)
+    CODEC_PREFIX, FRAME_SIZE, KYUTAI_FILE, MIMI_FILE, MIMI_REPO, NUM_CODEBOOKS, SAMPLE_RATE, TRANSFORMERS,
+    read_codec_config, read_codec_state, resolve_mimi_weights,
 )
-
-
-def _safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
-        files = sorted({model_dir / f for name, f in weight_map.items() if name.startswith(CODEC_PREFIX)})
-        return files
-    return sorted(p for p in model_dir.glob("*.safetensors") if p.name != MIMI_FILE)
-
-
-def _codec_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of model_dir that hold ``codec_model.*`` tensors."""
-    from safetensors import safe_open
-
-    found = []
-    for path in _safetensors_files(model_dir):
-        if not path.is_file():
-            raise CheckpointError(f"{path} is listed in the safetensors index but missing")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if any(k.startswith(CODEC_PREFIX) for k in f.keys()):
-                    found.append(path)
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    return found
-
-
-def resolve_mimi_weights(model_dir: Path | str | None, mimi: str | Path | None) -> tuple[str, Any]:
-    """Where the Mimi weights come from, as (kind, location):
-
-    1. ``mimi`` given: ("kyutai", Path) — kyutai's safetensors file;
-    2. model_dir holds the kyutai file under its original name: ("kyutai", Path);
-    3. model_dir's safetensors (sharded or not) hold ``codec_model.*``: ("transformers", model_dir);
-    4. the Hub cache / download of kyutai's file: ("kyutai", Path).
-    """
-    if mimi is not None:
-        path = Path(mimi).expanduser()
-        if path.is_dir() and (path / MIMI_FILE).is_file():
-            path = path / MIMI_FILE
-        if not path.is_file():
-            raise CsmError(f"Mimi weights {path} do not exist; {_FIX}")
-        return KYUTAI_FILE, path
-    if model_dir is not None:
-        model_dir = Path(model_dir)
-        if (model_dir / MIMI_FILE).is_file():
-            return KYUTAI_FILE, model_dir / MIMI_FILE
-        if model_dir.is_dir() and _codec_files(model_dir):
-            return TRANSFORMERS, model_dir
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return KYUTAI_FILE, Path(hf_hub_download(MIMI_REPO, MIMI_FILE))
-    except Exception as exc:  # offline, not cached, network errors...
-        where = f" in {model_dir}" if model_dir is not None else ""
-        raise CsmError(
-            f"no Mimi codec weights found{where} nor in the Hugging Face cache "
-            f"({type(exc).__name__}); {_FIX}"
-        ) from exc
-
-
-def read_codec_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Only the ``codec_model.*`` tensors of a transformers checkpoint, prefix removed."""
-    from safetensors import safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    for path in _codec_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(CODEC_PREFIX):
-                    state[key[len(CODEC_PREFIX):]] = f.get_tensor(key)
-    if not state:
-        raise CheckpointError(f"no {CODEC_PREFIX}* tensors in {model_dir}")
-    return state
-
-
-def read_codec_config(model_dir: Path) -> dict | None:
-    """The ``codec_config`` (a transformers MimiConfig dict) of model_dir/config.json, if any."""
-    path = model_dir / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
-    codec = config.get("codec_config")
-    return codec if isinstance(codec, dict) else None
+from csm.mimi_names import transformers_to_original
 
 
 def check_codec_config(codec_config: dict, source: str = "codec_config") -> None:

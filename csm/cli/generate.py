@@ -75,7 +75,8 @@ def run(opts: dict) -> None:
     import csm
 
     gen = csm.load(opts["model"], backend=opts["backend"], device=opts["device"], dtype=opts["dtype"],
-                   mimi=opts["mimi"], tokenizer=opts["tokenizer"], watermark_model=opts["watermark_model"])
+                   mimi=opts["mimi"], tokenizer=opts["tokenizer"], watermark_model=opts["watermark_model"],
+                   quantize=opts.get("quantize"))
     click.echo(f"loaded {opts['model']} on {gen.backend}/{gen.device}", err=True)
 
     from tqdm import tqdm
@@ -102,8 +103,9 @@ def run(opts: dict) -> None:
         play(audio, gen.sample_rate)
 
 
-def make_command(backend: str | None = None, name: str = "csm-generate") -> click.Command:
-    """The generate command; `backend` fixes the backend (no --backend flag then)."""
+def make_command(backend: str | None = None, name: str = "csm-generate", extra_options=()) -> click.Command:
+    """The generate command; `backend` fixes the backend (no --backend flag then); `extra_options`
+    are click options only that backend has."""
 
     def command(**opts):
         """Generate speech with CSM."""
@@ -118,7 +120,7 @@ def make_command(backend: str | None = None, name: str = "csm-generate") -> clic
         click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help="Local folder/file or Hub repo id."),
         click.option("--mimi", help="Mimi weights (tokenizer-e351c8d8-checkpoint125.safetensors) if not in the model folder."),
         click.option("--tokenizer", help="tokenizer.json, a folder or Hub id if not in the model folder."),
-        click.option("--device", help="cuda, cpu or mps (default: best available)."),
+        click.option("--device", help="cuda, cpu or mps; gpu or cpu with MLX (default: best available)."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Default: bfloat16 on GPUs, float32 on CPU."),
         click.option("--temperature", type=float, default=DEFAULT_TEMPERATURE, show_default=True),
         click.option("--top-k", "top_k", type=int, default=DEFAULT_TOPK, show_default=True),
@@ -132,7 +134,9 @@ def make_command(backend: str | None = None, name: str = "csm-generate") -> clic
         click.option("--no-watermark", is_flag=True, help="Do not watermark (not recommended)."),
     ]
     if backend is None:
-        options.append(click.option("--backend", "-b", default="auto", show_default=True, help="auto or torch."))
+        options.append(click.option("--backend", "-b", default="auto", show_default=True,
+                                    help="auto, torch or mlx (auto: MLX on Apple Silicon, else PyTorch)."))
+    options.extend(extra_options)
     for option in reversed(options):
         command = option(command)
     return click.command(name=name, context_settings={"help_option_names": ["-h", "--help"]})(command)

@@ -1,0 +1,96 @@
+"""The Mimi audio codec (kyutai) for the MLX backend, through moshi_mlx's implementation.
+
+The same weights as the torch side (`csm.mimi_files` finds them): kyutai's original file, which
+moshi_mlx reads as it is, or a transformers checkpoint's ``codec_model.*`` tensors renamed to the
+original names by `csm.mimi_names`. Always float32, never quantized.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from csm.errors import CheckpointError, CsmError
+from csm.mimi_files import (
+    FRAME_SIZE, KYUTAI_FILE, NUM_CODEBOOKS, SAMPLE_RATE, read_codec_config, read_codec_state, resolve_mimi_weights,
+)
+from csm.mimi_names import transformers_to_original
+
+
+def _load_original_file(model, path: Path, source: str) -> None:
+    try:
+        model.load_pytorch_weights(str(path), strict=True)
+    except (ValueError, RuntimeError) as exc:  # mlx reports missing / unexpected / mis-shaped weights so
+        raise CheckpointError(f"the Mimi weights of {source} do not fit kyutai's Mimi: {exc}") from None
+
+
+def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = None) -> "MimiCodec":
+    from moshi_mlx.models.mimi import Mimi, mimi_202407
+
+    kind, location = resolve_mimi_weights(model_dir, mimi)
+    model = Mimi(mimi_202407(NUM_CODEBOOKS))
+    if kind == KYUTAI_FILE:
+        _load_original_file(model, location, str(location))
+    else:
+        num_heads = (read_codec_config(location) or {}).get("num_attention_heads") or 8
+        state = transformers_to_original(read_codec_state(location, "mlx"), num_heads=num_heads)
+        # moshi_mlx reads original-name weights from a file only: hand them over as one
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "mimi.safetensors"
+            mx.save_safetensors(str(path), {k: v.astype(mx.float32) for k, v in state.items()})
+            _load_original_file(model, path, str(location))
+    mx.eval(model.parameters())
+    return MimiCodec(model)
+
+
+class MimiCodec:
+    """numpy in/out wrapper around moshi_mlx's Mimi (float32).
+
+    moshi_mlx's own `encode`/`decode` (and its steps, 2 positions each) run Mimi's transformers
+    without a causal mask, so every position also sees the later ones and the codes differ from
+    kyutai's causal Mimi. Here the convolutions run over the whole clip (they are causal by
+    construction) and the transformers one position at a time against their KV cache, which is
+    causal attention exactly."""
+
+    sample_rate = SAMPLE_RATE
+    frame_size = FRAME_SIZE
+    num_codebooks = NUM_CODEBOOKS
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        """Mono float32 audio at 24 kHz [N] -> int64 codes [T, 32], T = ceil(N / 1920)."""
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 1:
+            raise CsmError(f"Mimi encodes mono audio as a 1-D array, got shape {audio.shape}")
+        # moshi pads the last partial frame with zeros; moshi_mlx drops it: pad here
+        audio = np.pad(audio, (0, -len(audio) % FRAME_SIZE))
+        m = self.model
+        m.encoder.reset_state()
+        latents = m.encoder(mx.array(audio)[None, None])  # [1, 512, 2T]
+        latents = m.downsample(_causal(m.encoder_transformer, m.encoder_cache, latents))  # [1, 512, T]
+        codes = m.quantizer.encode(latents)  # [1, 32, T]
+        return np.array(codes[0].T).astype(np.int64)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes [T, 32] -> float32 audio [T * 1920]."""
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[1] != NUM_CODEBOOKS:
+            raise CsmError(f"Mimi decodes codes of shape [T, {NUM_CODEBOOKS}], got {codes.shape}")
+        m = self.model
+        latents = m.upsample(m.quantizer.decode(mx.array(codes.T.astype(np.int32))[None]))  # [1, 512, 2T]
+        latents = _causal(m.decoder_transformer, m.decoder_cache, latents)
+        m.decoder.reset_state()
+        audio = m.decoder(latents)  # [1, 1, T * 1920]
+        return np.array(audio[0, 0].astype(mx.float32))
+
+
+def _causal(transformer, cache, xs: mx.array) -> mx.array:
+    """A Mimi transformer over xs [B, C, T] (conv layout), one position at a time."""
+    for c in cache:
+        c.reset()
+    return mx.concatenate([transformer(xs[..., t : t + 1], cache=cache)[0] for t in range(xs.shape[-1])], axis=-1)

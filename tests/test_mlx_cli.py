@@ -1,0 +1,52 @@
+"""csm-generate-mlx end to end on a tiny model folder: the csm-generate parser with MLX fixed."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from csm.audio import MODEL_SAMPLE_RATE
+from test_cli import assert_one_line_error, run_cli
+
+pytest.importorskip("mlx.core")
+
+MODULE = "csm.cli.generate_mlx"
+
+
+@pytest.fixture
+def base_args(tiny_model_dir, watermark_dir):
+    return ["--model", tiny_model_dir, "--watermark-model", watermark_dir, "--device", "cpu", "--top-k", "1",
+            "--max-audio-length-ms", 400]
+
+
+def test_generates_a_watermarked_wav_on_mlx(tmp_path, base_args):
+    r = run_cli(["--text", "Hello there.", *base_args, "-o", "out.wav", "--seed", 3], tmp_path, module=MODULE)
+    assert r.returncode == 0, r.stderr
+    assert "on mlx/cpu" in r.stderr
+    frames = int(r.stderr.split(" frames)")[0].rsplit("(", 1)[1])
+    assert frames == 5 and "RTF" in r.stderr
+    info = sf.info(str(tmp_path / "out.wav"))
+    assert info.samplerate == MODEL_SAMPLE_RATE and info.channels == 1 and info.frames == frames * 1920
+    audio, _ = sf.read(str(tmp_path / "out.wav"))
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+
+
+def test_same_wav_as_csm_generate_without_watermark(tmp_path, base_args):
+    args = ["--text", "Hello there.", *base_args, "--no-watermark"]
+    assert run_cli([*args, "-o", "mlx.wav"], tmp_path, module=MODULE).returncode == 0
+    assert run_cli([*args, "-o", "torch.wav", "--backend", "torch"], tmp_path).returncode == 0
+    ours, _ = sf.read(str(tmp_path / "mlx.wav"), dtype="float32")
+    theirs, _ = sf.read(str(tmp_path / "torch.wav"), dtype="float32")
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= 1e-3
+
+
+def test_backend_flag_is_fixed_and_quantize_is_checked(tmp_path, base_args):
+    r = run_cli(["--text", "Hi.", *base_args, "--backend", "torch"], tmp_path, module=MODULE)
+    assert_one_line_error(r, "--backend")
+    r = run_cli(["--text", "Hi.", *base_args, "--quantize", "3"], tmp_path, module=MODULE)
+    assert_one_line_error(r, "--quantize")
+    # the tiny model's widths (48) are no multiple of MLX's group sizes: one clear line
+    r = run_cli(["--text", "Hi.", *base_args, "--quantize", "4", "-o", "q.wav"], tmp_path, module=MODULE)
+    assert_one_line_error(r, "group size")
+    r = run_cli(["--help"], tmp_path, module=MODULE)
+    assert r.returncode == 0 and "--quantize" in r.stdout and "--backend" not in r.stdout
