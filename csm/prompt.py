@@ -91,3 +91,13 @@ def build_prompt(
             parts.append(audio_frames(codes, num_codebooks))
     parts.append(text_frames(tokenizer.encode_turn(text, speaker), num_codebooks))
     return Frames.concat(parts)
+
+
+def check_fits(prompt_len: int, max_frames: int, max_seq_len: int) -> None:
+    """Sesame's limit: the prompt must be shorter than the positions left after the longest
+    generation (`prompt + max_frames < max_seq_len`)."""
+    if prompt_len + max_frames >= max_seq_len:
+        raise CsmError(
+            f"the prompt ({prompt_len} positions, context included) plus up to {max_frames} audio frames does not fit "
+            f"the model's {max_seq_len} positions; shorten the context or lower the max audio length"
+        )

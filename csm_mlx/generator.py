@@ -24,6 +24,7 @@ import numpy as np
 from csm.checkpoint import Checkpoint, iter_tensors
 from csm.config import CsmConfig
 from csm.errors import CsmError
+from csm.prompt import check_fits
 from csm.sampling import SamplingParams
 from csm.weights import check_complete, to_csm
 from csm_mlx.model import Model
@@ -146,11 +147,7 @@ class FrameGenerator:
     ) -> np.ndarray:
         """Prompt frames [T, 33] -> generated codes [F, 32] (F <= max_frames)."""
         n = tokens.shape[0]
-        if n + max_frames >= self.max_seq_len:
-            raise CsmError(
-                f"the prompt ({n} positions, context included) plus up to {max_frames} audio frames does not fit "
-                f"the model's {self.max_seq_len} positions; shorten the context or lower the max audio length"
-            )
+        check_fits(n, max_frames, self.max_seq_len)
         m = self.model
         key = mx.random.key(seed if seed is not None else secrets.randbits(63))
         cache = m.backbone.make_cache()

@@ -19,6 +19,7 @@ import torch
 from csm.checkpoint import Checkpoint, iter_tensors
 from csm.config import CsmConfig
 from csm.errors import CsmError
+from csm.prompt import check_fits
 from csm.sampling import SamplingParams
 from csm.weights import check_complete, to_csm
 from csm_torch.model import Model, rope_table
@@ -182,11 +183,7 @@ class FrameGenerator:
         attention is causal, so the frames before it do not depend on them.
         """
         n = tokens.shape[0]
-        if n + max_frames >= self.max_seq_len:
-            raise CsmError(
-                f"the prompt ({n} positions, context included) plus up to {max_frames} audio frames does not fit "
-                f"the model's {self.max_seq_len} positions; shorten the context or lower the max audio length"
-            )
+        check_fits(n, max_frames, self.max_seq_len)
         if self.batch_size != 1:
             raise CsmError("generate() runs one stream; make a FrameGenerator with batch_size=1")
         check_every = check_every or (8 if self.cuda_graph else 1)
