@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -42,8 +42,27 @@ class Backend(ABC):
     ) -> np.ndarray:
         return self._frames.generate(tokens, mask, max_frames, params, seed, on_frame)
 
+    def stream_codes(
+        self, tokens: np.ndarray, mask: np.ndarray, max_frames: int, params: SamplingParams,
+        seed: int | None = None, first_block: int = 1, check_every: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Blocks of codes [n, 32] as the frame loop clears them (see the FrameGenerators)."""
+        return self._frames.stream(tokens, mask, max_frames, params, seed, first_block=first_block, check_every=check_every)
+
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
         return self.codec.encode(audio)
 
     def decode_audio(self, codes: np.ndarray) -> np.ndarray:
         return self.codec.decode(codes)
+
+
+def collect_blocks(blocks: Iterable[np.ndarray], num_codebooks: int,
+                   on_frame: Callable[[int], None] | None = None) -> np.ndarray:
+    """Concatenate streamed code blocks into [F, num_codebooks], reporting the running count."""
+    kept, total = [], 0
+    for block in blocks:
+        kept.append(block)
+        total += len(block)
+        if on_frame is not None:
+            on_frame(total)
+    return np.concatenate(kept) if kept else np.zeros((0, num_codebooks), dtype=np.int64)

@@ -16,11 +16,12 @@ would mean a new trace.
 from __future__ import annotations
 
 import secrets
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
 
+from csm.backend import collect_blocks
 from csm.checkpoint import Checkpoint, iter_tensors
 from csm.config import CsmConfig
 from csm.errors import CsmError
@@ -146,6 +147,22 @@ class FrameGenerator:
         on_frame: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Prompt frames [T, 33] -> generated codes [F, 32] (F <= max_frames)."""
+        return collect_blocks(self.stream(tokens, mask, max_frames, params, seed),
+                              self.config.audio_num_codebooks, on_frame)
+
+    def stream(
+        self,
+        tokens: np.ndarray,
+        mask: np.ndarray,
+        max_frames: int,
+        params: SamplingParams,
+        seed: int | None = None,
+        first_block: int = 1,
+        check_every: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Prompt frames [T, 33] -> blocks of generated codes [n, 32]. The end-of-speech check
+        runs every frame here (MLX evaluates lazily, the check is the evaluation), so every frame
+        is its own block; `first_block` and `check_every` exist for the shared protocol."""
         n = tokens.shape[0]
         check_fits(n, max_frames, self.max_seq_len)
         m = self.model
@@ -154,16 +171,11 @@ class FrameGenerator:
         x = m.embed_frames(mx.array(tokens)[None], mx.array(mask)[None])  # [1, T, D]
         audio_mask = mx.array([[[True] * self.config.audio_num_codebooks + [False]]])  # [1, 1, 33]
         zero_text = mx.zeros((1, 1), dtype=mx.int32)
-        frames = []
-        for i in range(max_frames):
+        for _ in range(max_frames):
             key, frame_key = mx.random.split(key)
             codes = self.frame(x, cache, frame_key, params)  # [1, 32]
-            if not codes.any().item():  # end of speech: an all-zero frame, not kept
-                break
-            frames.append(codes)
-            if on_frame is not None:
-                on_frame(i + 1)
+            block = np.array(codes).astype(np.int64)
+            if not block.any():  # end of speech: an all-zero frame, not kept
+                return
+            yield block
             x = m.embed_frames(mx.concatenate([codes, zero_text], axis=1)[:, None], audio_mask)  # [1, 1, D]
-        if not frames:
-            return np.zeros((0, self.config.audio_num_codebooks), dtype=np.int64)
-        return np.array(mx.concatenate(frames)).astype(np.int64)

@@ -11,7 +11,7 @@ Positions, caches and sampling stay on the device; the end-of-speech check is th
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ import torch
 from csm.checkpoint import Checkpoint, iter_tensors
 from csm.config import CsmConfig
 from csm.errors import CsmError
+from csm.backend import collect_blocks
 from csm.prompt import check_fits
 from csm.sampling import SamplingParams
 from csm.weights import check_complete, to_csm
@@ -165,7 +166,6 @@ class FrameGenerator:
         graph.replay()
         return out
 
-    @torch.inference_mode()
     def generate(
         self,
         tokens: np.ndarray,
@@ -176,38 +176,61 @@ class FrameGenerator:
         on_frame: Callable[[int], None] | None = None,
         check_every: int | None = None,
     ) -> np.ndarray:
-        """Prompt frames [T, 33] -> generated codes [F, 32] (F <= max_frames).
+        """Prompt frames [T, 33] -> generated codes [F, 32] (F <= max_frames)."""
+        return collect_blocks(self.stream(tokens, mask, max_frames, params, seed, check_every=check_every),
+                              self.config.audio_num_codebooks, on_frame)
 
-        The end-of-speech check (an all-zero frame) is the only host sync; it runs every
-        `check_every` frames (default 1 eager, 8 graphed) and frames after the stop are dropped:
-        attention is causal, so the frames before it do not depend on them.
+    def stream(
+        self,
+        tokens: np.ndarray,
+        mask: np.ndarray,
+        max_frames: int,
+        params: SamplingParams,
+        seed: int | None = None,
+        first_block: int = 1,
+        check_every: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Prompt frames [T, 33] -> blocks of generated codes [n, 32], as soon as they are known.
+
+        The end-of-speech check (an all-zero frame) is the only host sync: it runs after
+        `first_block` frames, then every `check_every` frames (default 1 eager, 8 graphed), and
+        each check hands the frames it cleared out as one block. Frames after the stop are
+        dropped: attention is causal, so the frames before it do not depend on them.
         """
         n = tokens.shape[0]
         check_fits(n, max_frames, self.max_seq_len)
         if self.batch_size != 1:
-            raise CsmError("generate() runs one stream; make a FrameGenerator with batch_size=1")
+            raise CsmError("stream() runs one stream; make a FrameGenerator with batch_size=1")
         check_every = check_every or (8 if self.cuda_graph else 1)
-        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        tok = torch.from_numpy(tokens).to(self.device).long().unsqueeze(0)
-        msk = torch.from_numpy(mask).to(self.device).bool().unsqueeze(0)
-        frames = torch.zeros(max_frames, self.config.audio_num_codebooks, dtype=torch.long, device=self.device)
-        frames[0] = self.frame(tok, msk, torch.arange(n, device=self.device), params, self._noise(params, generator), prefill=True)[0]
-        self.step_pos.fill_(n)
-        kept = None
+        checks = check_points(max_frames, first_block, check_every)
+        with torch.inference_mode():
+            generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+            tok = torch.from_numpy(tokens).to(self.device).long().unsqueeze(0)
+            msk = torch.from_numpy(mask).to(self.device).bool().unsqueeze(0)
+            frames = torch.zeros(max_frames, self.config.audio_num_codebooks, dtype=torch.long, device=self.device)
+            frames[0] = self.frame(tok, msk, torch.arange(n, device=self.device), params,
+                                   self._noise(params, generator), prefill=True)[0]
+            self.step_pos.fill_(n)
         checked = 0
         for i in range(1, max_frames + 1):
-            if i % check_every == 0 or i == max_frames:
-                silent = (~frames[checked:i].any(dim=1)).nonzero()  # the sync
+            if i in checks:
+                block = frames[checked:i].cpu().numpy().astype(np.int64)  # the sync
+                silent = np.flatnonzero(~block.any(axis=1))
                 if len(silent):
-                    kept = checked + int(silent[0])
-                    break
+                    if silent[0]:
+                        yield block[: silent[0]]
+                    return
+                yield block
                 checked = i
-                if on_frame is not None:
-                    on_frame(i)
             if i == max_frames:
-                break
-            self.step_tokens[0, 0, :-1] = frames[i - 1]
-            frames[i] = self._step(params, generator)[0]
-            self.step_pos += 1
-        kept = max_frames if kept is None else kept
-        return frames[:kept].cpu().numpy().astype(np.int64)
+                return
+            with torch.inference_mode():
+                self.step_tokens[0, 0, :-1] = frames[i - 1]
+                frames[i] = self._step(params, generator)[0]
+                self.step_pos += 1
+
+
+def check_points(max_frames: int, first_block: int, every: int) -> set[int]:
+    """Frame counts after which the loop syncs: first_block, then every `every`, and the end."""
+    first = max(1, min(first_block, max_frames))
+    return set(range(first, max_frames, max(1, every))) | {max_frames}

@@ -184,3 +184,22 @@ def test_topk_1_equals_temperature_0(gen):
     b = gen.generate_codes(text, speaker, topk=50, temperature=0.0, seed=6, max_audio_length_ms=MAX_MS)
     np.testing.assert_array_equal(a, b)
     assert len(a) >= 8
+
+
+# --- streamed code blocks ---------------------------------------------------------------------------
+
+def test_streamed_blocks_concatenate_to_the_generated_codes(gen):
+    prompt = gen.prompt(*CASES[0])
+    params = csm.sampling.SamplingParams(temperature=0.9, topk=50)
+    whole = gen._backend.generate_codes(prompt.tokens, prompt.mask, MAX_FRAMES, params, seed=7)
+    blocks = list(gen._backend.stream_codes(prompt.tokens, prompt.mask, MAX_FRAMES, params, seed=7,
+                                            first_block=2, check_every=3))
+    assert len(whole) == MAX_FRAMES  # the tiny model does not stop early on this seed
+    assert [len(b) for b in blocks] == [2, 3, 3, 2]
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)
+
+
+def test_check_points_cover_first_block_then_every_n_and_the_end():
+    assert generator_module.check_points(10, 1, 8) == {1, 9, 10}
+    assert generator_module.check_points(10, 20, 3) == {10}
+    assert generator_module.check_points(1, 1, 8) == {1}
