@@ -169,6 +169,7 @@ class Generator:
         if watermark:
             key = validate_key(watermark_key or PUBLIC_KEY)
             self._loaded_watermarker()  # missing weights fail now, not after the first chunk
+        self._backend.codec  # loads Mimi now: its errors raise here, its load time is not time to first audio
         prompt = self.prompt(text, speaker, context)
         blocks = self._backend.stream_codes(prompt.tokens, prompt.mask, frames, params, seed,
                                             first_block=plan.first, check_every=plan.every)
