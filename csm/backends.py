@@ -55,7 +55,7 @@ def create_backend(name: str, ckpt, device, dtype, mimi, quantize: int | None = 
         except ImportError as exc:
             raise CsmError(f"the mlx backend needs MLX, mlx-lm and moshi_mlx ({exc}); "
                            f"install them with `{INSTALL['mlx']}`") from None
-        if compile not in (None, True, False):
+        if compile not in (None, True, False, "default"):
             raise CsmError(f"compile mode {compile!r} is a torch option; MLX takes compile=True or False")
         return MlxBackend(ckpt, device=device, dtype=dtype, mimi=mimi, quantize=quantize, compile=compile is not False)
     raise CsmError(f"unknown backend {name!r}")

@@ -63,3 +63,8 @@ def test_stream_flag_gives_the_whole_clip_samples_on_mlx(tmp_path, base_args):
     whole, _ = sf.read(str(tmp_path / "whole.wav"), dtype="float32")
     assert streamed.shape == whole.shape == (5 * 1920,)
     assert np.abs(streamed - whole).max() <= 1 / 32768  # 16-bit WAV: at most one step apart
+
+
+def test_torch_only_compile_mode_is_refused_on_mlx(tmp_path, base_args):
+    r = run_cli(["--text", "Hello.", *base_args, "--compile", "max-autotune", "-o", "x.wav"], tmp_path, module=MODULE)
+    assert_one_line_error(r, "compile mode 'max-autotune' is a torch option")

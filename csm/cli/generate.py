@@ -73,7 +73,7 @@ def run(opts: dict) -> None:
 
         gen = csm.load(opts["model"], backend=opts["backend"], device=opts["device"], dtype=opts["dtype"],
                        mimi=opts["mimi"], tokenizer=opts["tokenizer"], watermark_model=opts["watermark_model"],
-                       quantize=opts.get("quantize"))
+                       quantize=opts.get("quantize"), compile=opts["compile"])
         click.echo(f"loaded {opts['model']} on {gen.backend}/{gen.device}", err=True)
         request = dict(text=text, speaker=opts["speaker"], context=context, max_audio_length_ms=opts["max_audio_length_ms"],
                        temperature=params.temperature, topk=params.topk, seed=opts["seed"])
@@ -170,6 +170,8 @@ def make_command(backend: str | None = None, name: str = "csm-generate", extra_o
         click.option("--top-k", "top_k", type=int, default=DEFAULT_TOPK, show_default=True),
         click.option("--max-audio-length-ms", type=float, default=DEFAULT_MAX_AUDIO_LENGTH_MS, show_default=True),
         click.option("--seed", type=int, help="Seed for reproducible sampling."),
+        click.option("--compile", type=click.Choice(["default", "max-autotune"]),
+                     help="torch.compile the model's stacks (CUDA: ~2x faster frames after 30 s-2 min of compiling)."),
         click.option("--output", "-o", type=click.Path(), help="WAV file to write (default output.wav unless --play)."),
         click.option("--force", is_flag=True, help="Overwrite the output file."),
         click.option("--play", is_flag=True, help="Play the audio (sounddevice); with --stream, while it is generated."),
