@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     how.add_argument("--copy-mb", type=int, help="size of the bandwidth copy (default 1024 on GPUs, 256 on CPUs)")
     out = p.add_argument_group("output")
     out.add_argument("--json", type=Path, help="write the rows here (default: csm-bench-<time>.json)")
+    out.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
+                     help="run nothing: print (and with --append-results, append) the rows of earlier runs as one table")
     out.add_argument("--append-results", nargs="?", const=RESULTS_MD, type=Path, metavar="RESULTS_MD",
                      help=f"append a section to {RESULTS_MD.name} (or the file given)")
     a = p.parse_args(argv)
@@ -179,9 +181,9 @@ def measure_row(make_engine, impl: engines.Impl, batch: int, target: Target, sou
     }
     notes = []
     gc.collect()
-    target.meter.reset()
     try:
         engine = make_engine()
+        target.meter.reset()  # after building: what stays allocated counts, transient build copies do not
         steady = measure.steady_state(engine, a.warmup_frames, a.warmup_frames + a.frames)
         audio = None
         if batch == 1 and target.codec is not None:
@@ -349,6 +351,16 @@ def run(a: argparse.Namespace, command: str, log=lambda line: None) -> list[dict
     return rows
 
 
+def read_rows(paths: list[Path]) -> list[dict]:
+    rows = []
+    for path in paths:
+        try:
+            rows += json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CsmError(f"cannot read benchmark rows from {path}: {exc}") from None
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
@@ -358,17 +370,18 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     try:
-        rows = run(a, command, log)
+        rows = read_rows(a.from_json) if a.from_json else run(a, command, log)
     except CsmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not rows:
         print("error: nothing to run (no implementation of those runs on this device)", file=sys.stderr)
         return 2
-    path = a.json or Path(f"csm-bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    path.write_text(json.dumps(rows, indent=2) + "\n")
+    if not a.from_json:
+        path = a.json or Path(f"csm-bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        path.write_text(json.dumps(rows, indent=2) + "\n")
+        log(f"rows written to {path}")
     print(report.markdown_section(rows))
-    log(f"rows written to {path}")
     if a.append_results:
         report.append_results(a.append_results, rows)
         log(f"section appended to {a.append_results}")

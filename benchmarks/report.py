@@ -92,10 +92,11 @@ def markdown_section(rows: list[dict]) -> str:
     libs = ", ".join(f"{k} {val}" for k, val in v.items() if val)
     devices = " / ".join(dict.fromkeys(r["device"] for r in rows))
     bound = next((r for r in rows if r["copy_bandwidth_gb_s"]), None)
+    commands = [f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)]
     lines = [
         f"## {devices} — {libs}, {first['date']}",
         "",
-        f"`{first['command']}`",
+        *commands,
         "",
         f"Model: {first['model']}; {first['params_per_frame'] / 1e9:.2f} G params read per frame; "
         f"prompt {first['prompt_tokens']} tokens, greedy; first audio after {first['first_chunk_frames']} frames, "
