@@ -78,6 +78,46 @@ class Generator:
         prompt = self.prompt(text, speaker, context)
         return self._backend.generate_codes(prompt.tokens, prompt.mask, frames, params, seed, on_frame)
 
+    def generate_codes_batch(
+        self,
+        texts: Sequence[str],
+        speakers: int | Sequence[int] = 0,
+        contexts: Sequence[Sequence[Segment]] | None = None,
+        max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
+        temperature: float = DEFAULT_TEMPERATURE,
+        topk: int = DEFAULT_TOPK,
+        seed: int | None = None,
+    ) -> list[np.ndarray]:
+        """Codes [frames_i, 32] for several turns generated together (one batch on the torch
+        backend; each turn stops on its own). `speakers` is one id for all or one per text;
+        `contexts` one conversation per text."""
+        texts = list(texts)
+        speakers = [speakers] * len(texts) if isinstance(speakers, (int, np.integer)) else list(speakers)
+        contexts = [()] * len(texts) if contexts is None else list(contexts)
+        if not texts or len(speakers) != len(texts) or len(contexts) != len(texts):
+            raise CsmError(f"give one speaker and one context per text: {len(texts)} texts, "
+                           f"{len(speakers)} speakers, {len(contexts)} contexts")
+        params = SamplingParams(temperature=temperature, topk=topk)
+        prompts = [self.prompt(t, s, c) for t, s, c in zip(texts, speakers, contexts)]
+        return self._backend.generate_codes_batch([(p.tokens, p.mask) for p in prompts],
+                                                  max_frames(max_audio_length_ms), params, seed)
+
+    def generate_batch(
+        self,
+        texts: Sequence[str],
+        speakers: int | Sequence[int] = 0,
+        contexts: Sequence[Sequence[Segment]] | None = None,
+        max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
+        temperature: float = DEFAULT_TEMPERATURE,
+        topk: int = DEFAULT_TOPK,
+        seed: int | None = None,
+        watermark: bool = True,
+        watermark_key: Sequence[int] | None = None,
+    ) -> list[np.ndarray]:
+        """`generate` for several turns at once (see `generate_codes_batch`): one clip per text."""
+        all_codes = self.generate_codes_batch(texts, speakers, contexts, max_audio_length_ms, temperature, topk, seed)
+        return [self._finish(codes, watermark, watermark_key) for codes in all_codes]
+
     # --- audio --------------------------------------------------------------------------------
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Codes [frames, 32] -> float32 mono audio at 24 kHz (1920 samples per frame)."""
@@ -118,6 +158,10 @@ class Generator:
     ) -> np.ndarray:
         """Generate, decode and watermark: float32 mono audio at 24 kHz."""
         codes = self.generate_codes(text, speaker, context, max_audio_length_ms, temperature, topk, seed, on_frame)
+        return self._finish(codes, watermark, watermark_key)
+
+    def _finish(self, codes: np.ndarray, watermark: bool, watermark_key: Sequence[int] | None) -> np.ndarray:
+        """Codes -> the clip a user gets: decoded, and watermarked unless asked not to be."""
         audio = self.decode(codes)
         if watermark and len(audio):
             audio = self.watermark(audio, watermark_key)

@@ -42,6 +42,15 @@ class Backend(ABC):
     ) -> np.ndarray:
         return self._frames.generate(tokens, mask, max_frames, params, seed, on_frame)
 
+    def generate_codes_batch(
+        self, prompts: list[tuple[np.ndarray, np.ndarray]], max_frames: int, params: SamplingParams,
+        seed: int | None = None,
+    ) -> list[np.ndarray]:
+        """Codes per prompt (tokens, mask). Here one stream after another (stream i seeded with
+        seed + i); backends that batch on the device override this."""
+        return [self._frames.generate(tokens, mask, max_frames, params, None if seed is None else seed + i)
+                for i, (tokens, mask) in enumerate(prompts)]
+
     def stream_codes(
         self, tokens: np.ndarray, mask: np.ndarray, max_frames: int, params: SamplingParams,
         seed: int | None = None, first_block: int = 1, check_every: int | None = None,

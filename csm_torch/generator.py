@@ -11,7 +11,7 @@ Positions, caches and sampling stay on the device; the end-of-speech check is th
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -87,10 +87,11 @@ def init_buffers(model: Model, device: torch.device) -> None:
 class FrameGenerator:
     """Owns the static caches of one model for a batch size, and runs the frame loop.
 
-    With `cuda_graph=True` (CUDA only) the prompt is prefilled eagerly, then one whole frame,
-    backbone step + 31 decoder steps + 32 samples, is captured as a CUDA graph over static
-    input buffers and replayed for every further frame. Eager and graphed loops run the same
-    `frame` code on the same pre-drawn noise, so they give the same codes.
+    With `cuda_graph=True` (CUDA only) the prompt's backbone pass runs eagerly; the first frame's
+    tail (31 decoder steps + 32 samples) and every further whole frame (backbone step + tail)
+    are captured as CUDA graphs over static buffers and replayed. Eager and graphed loops run the
+    same code on the same pre-drawn noise, so they give the same codes. Batches of streams run
+    at per-stream positions (see `_blocks`).
     """
 
     def __init__(self, model: Model, batch_size: int = 1, cuda_graph: bool = False, compile: bool = False):
@@ -115,16 +116,34 @@ class FrameGenerator:
         self.step_tokens = torch.zeros(batch_size, 1, width, dtype=torch.long, device=self.device)
         self.step_mask = torch.ones(batch_size, 1, width, dtype=torch.bool, device=self.device)
         self.step_mask[..., -1] = False
-        self.step_pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._graphs: dict[SamplingParams, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
+        self.step_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)  # per stream
+        self.tail_h = torch.zeros(batch_size, self.config.backbone.hidden_size, device=self.device, dtype=self.dtype)
+        self._graphs: dict[tuple[str, SamplingParams], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
 
-    def frame(self, tokens, mask, input_pos, params: SamplingParams, noise: torch.Tensor | None = None,
-              prefill: bool = False) -> torch.Tensor:
-        """One frame of codes [B, 32] for the positions `input_pos` of tokens/mask [B, T, 33];
-        `noise` [32, B, k] from `draw_noise` (None when greedy)."""
+    @property
+    def default_check_every(self) -> int:
+        """Frames between end-of-speech checks: every frame eagerly (a sync costs little next to
+        an eager frame), every 8 graphed (a sync would stall the replay queue each frame)."""
+        return 8 if self.cuda_graph else 1
+
+    def frame(self, tokens, mask, input_pos, params: SamplingParams, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode frame of codes [B, 32] after tokens/mask [B, 1, 33] at positions `input_pos`
+        [B, 1]; `noise` [32, B, k] from `draw_noise` (None when greedy)."""
         m = self.model
-        backbone = m.backbone if prefill else self._backbone_step
-        h = backbone(m.embed_frames(tokens, mask), input_pos, self.backbone_cache)[:, -1]  # [B, D]
+        h = self._backbone_step(m.embed_frames(tokens, mask), input_pos, self.backbone_cache)[:, -1]  # [B, D]
+        return self.frame_tail(h, params, noise)
+
+    def prefill(self, tokens, mask, last: torch.Tensor) -> torch.Tensor:
+        """The backbone over right-padded prompts [B, T, 33] from position 0 (eager: prompt
+        lengths vary); returns each row's hidden state at its last real position `last` [B]."""
+        m = self.model
+        h = m.backbone(m.embed_frames(tokens, mask), torch.arange(tokens.shape[1], device=self.device), self.backbone_cache)
+        return h[torch.arange(len(h), device=self.device), last]  # [B, D]
+
+    def frame_tail(self, h: torch.Tensor, params: SamplingParams, noise: torch.Tensor | None) -> torch.Tensor:
+        """The last backbone state h [B, D] -> the frame's codes [B, 32]: codebook 0 from the
+        backbone's head, then 31 decoder steps, each sampling the next codebook."""
+        m = self.model
         c = sample(m.codebook0_head(h), params, None if noise is None else noise[0])
         codes = [c]
         x = torch.stack([h, m.embed_audio(0, c)], dim=1)  # [B, 2, D]
@@ -141,26 +160,35 @@ class FrameGenerator:
         return draw_noise(params, self.config.audio_num_codebooks, self.batch_size, self.config.audio_vocab_size,
                           self.device, generator, out)
 
-    def _graph(self, params: SamplingParams):
-        """The captured decode step for these sampling settings (captured once, then reused)."""
-        if params not in self._graphs:
+    def _work(self, kind: str, params: SamplingParams, noise) -> torch.Tensor:
+        """The two pieces of work the loop repeats, on the static buffers: a whole decode frame
+        ("step"), or the frame tail after a prefill ("tail", from `tail_h`)."""
+        if kind == "step":
+            return self.frame(self.step_tokens, self.step_mask, self.step_pos, params, noise)
+        return self.frame_tail(self.tail_h, params, noise)
+
+    def _graph(self, kind: str, params: SamplingParams):
+        """The captured work of this kind for these sampling settings (captured once, then reused)."""
+        if (kind, params) not in self._graphs:
             noise = self._noise(params, None)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up allocations happen outside the graph
-                self.frame(self.step_tokens, self.step_mask, self.step_pos, params, noise)
+            # warm-up allocations happen outside the graph; the warm-up writes the caches exactly
+            # where the replay is about to write them, so it changes nothing
+            with torch.cuda.stream(side):
+                self._work(kind, params, noise)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self.frame(self.step_tokens, self.step_mask, self.step_pos, params, noise)
-            self._graphs[params] = (graph, out, noise)
-        return self._graphs[params]
+                out = self._work(kind, params, noise)
+            self._graphs[kind, params] = (graph, out, noise)
+        return self._graphs[kind, params]
 
-    def _step(self, params: SamplingParams, generator) -> torch.Tensor:
-        """One decode frame from the static step buffers."""
+    def _run(self, kind: str, params: SamplingParams, generator) -> torch.Tensor:
+        """Run one piece of work: replayed from its graph, or launched eagerly."""
         if not self.cuda_graph:
-            return self.frame(self.step_tokens, self.step_mask, self.step_pos, params, self._noise(params, generator))
-        graph, out, noise = self._graph(params)
+            return self._work(kind, params, self._noise(params, generator))
+        graph, out, noise = self._graph(kind, params)
         if noise is not None:
             self._noise(params, generator, out=noise)
         graph.replay()
@@ -190,43 +218,85 @@ class FrameGenerator:
         first_block: int = 1,
         check_every: int | None = None,
     ) -> Iterator[np.ndarray]:
-        """Prompt frames [T, 33] -> blocks of generated codes [n, 32], as soon as they are known.
-
-        The end-of-speech check (an all-zero frame) is the only host sync: it runs after
-        `first_block` frames, then every `check_every` frames (default 1 eager, 8 graphed), and
-        each check hands the frames it cleared out as one block. Frames after the stop are
-        dropped: attention is causal, so the frames before it do not depend on them.
-        """
-        n = tokens.shape[0]
-        check_fits(n, max_frames, self.max_seq_len)
+        """Prompt frames [T, 33] -> blocks of generated codes [n, 32], as soon as they are known:
+        after `first_block` frames, then every `check_every` frames (`default_check_every`)."""
         if self.batch_size != 1:
             raise CsmError("stream() runs one stream; make a FrameGenerator with batch_size=1")
-        check_every = check_every or (8 if self.cuda_graph else 1)
-        checks = check_points(max_frames, first_block, check_every)
+        for block in self._blocks([(tokens, mask)], max_frames, params, seed, first_block, check_every):
+            silent = np.flatnonzero(~block[0].any(axis=1))
+            if len(silent):  # end of speech: an all-zero frame, not kept
+                if silent[0]:
+                    yield block[0, : silent[0]]
+                return
+            yield block[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[tuple[np.ndarray, np.ndarray]],
+        max_frames: int,
+        params: SamplingParams,
+        seed: int | None = None,
+        check_every: int | None = None,
+    ) -> list[np.ndarray]:
+        """Several prompts (tokens, mask) [T_i, 33] at once -> codes [F_i, 32] per prompt.
+
+        Every stream stops on its own all-zero frame; a finished stream's row keeps being computed
+        (the batch's shapes are fixed) but its frames are dropped, and the loop ends when every
+        stream has stopped. Sampling noise is drawn for the whole batch, so a seeded stream's codes
+        depend on its place in the batch; greedy codes equal those of `generate`.
+        """
+        if len(prompts) != self.batch_size:
+            raise CsmError(f"this FrameGenerator runs batches of {self.batch_size}, got {len(prompts)} prompts")
+        kept: list[list[np.ndarray]] = [[] for _ in prompts]
+        running = np.ones(len(prompts), dtype=bool)
+        check_every = check_every or self.default_check_every
+        for block in self._blocks(prompts, max_frames, params, seed, check_every, check_every):
+            for row in np.flatnonzero(running):
+                silent = np.flatnonzero(~block[row].any(axis=1))
+                kept[row].append(block[row, : silent[0]] if len(silent) else block[row])
+                running[row] = not len(silent)
+            if not running.any():
+                break
+        width = self.config.audio_num_codebooks
+        return [np.concatenate(k) if k else np.zeros((0, width), dtype=np.int64) for k in kept]
+
+    def _blocks(self, prompts, max_frames: int, params: SamplingParams, seed: int | None,
+                first_block: int, check_every: int | None) -> Iterator[np.ndarray]:
+        """The frame loop over a batch of prompts: yields the frames [B, n, 32] generated since
+        the previous check, at every check point. Each check is the loop's only host sync.
+
+        Prompts are right-padded to one length and prefilled together; each stream then decodes
+        at its own position, writing over its padding before anything attends to it (attention
+        only reaches a stream's own past), so padding changes no stream's result.
+        """
+        lengths = [len(tokens) for tokens, _ in prompts]
+        for n in lengths:
+            check_fits(n, max_frames, self.max_seq_len)
+        checks = check_points(max_frames, first_block, check_every or self.default_check_every)
+        width, books = self.config.frame_width, self.config.audio_num_codebooks
         with torch.inference_mode():
+            tok = torch.zeros(len(prompts), max(lengths), width, dtype=torch.long)
+            msk = torch.zeros(len(prompts), max(lengths), width, dtype=torch.bool)
+            for row, (tokens, mask) in enumerate(prompts):
+                tok[row, : len(tokens)] = torch.from_numpy(tokens)
+                msk[row, : len(mask)] = torch.from_numpy(mask)
             generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-            tok = torch.from_numpy(tokens).to(self.device).long().unsqueeze(0)
-            msk = torch.from_numpy(mask).to(self.device).bool().unsqueeze(0)
-            frames = torch.zeros(max_frames, self.config.audio_num_codebooks, dtype=torch.long, device=self.device)
-            frames[0] = self.frame(tok, msk, torch.arange(n, device=self.device), params,
-                                   self._noise(params, generator), prefill=True)[0]
-            self.step_pos.fill_(n)
+            length = torch.tensor(lengths, device=self.device)
+            frames = torch.zeros(max_frames, len(prompts), books, dtype=torch.long, device=self.device)
+            # time to first audio: the prompt runs eagerly once, the first frame's 31 decoder steps replay
+            self.tail_h.copy_(self.prefill(tok.to(self.device), msk.to(self.device), last=length - 1))
+            frames[0] = self._run("tail", params, generator)
+            self.step_pos.copy_(length[:, None])
         checked = 0
         for i in range(1, max_frames + 1):
             if i in checks:
-                block = frames[checked:i].cpu().numpy().astype(np.int64)  # the sync
-                silent = np.flatnonzero(~block.any(axis=1))
-                if len(silent):
-                    if silent[0]:
-                        yield block[: silent[0]]
-                    return
-                yield block
+                yield frames[checked:i].transpose(0, 1).cpu().numpy().astype(np.int64)  # the sync
                 checked = i
             if i == max_frames:
                 return
             with torch.inference_mode():
-                self.step_tokens[0, 0, :-1] = frames[i - 1]
-                frames[i] = self._step(params, generator)[0]
+                self.step_tokens[:, 0, :-1] = frames[i - 1]
+                frames[i] = self._run("step", params, generator)
                 self.step_pos += 1
 
 

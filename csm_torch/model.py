@@ -48,8 +48,8 @@ def rope_table(t: TransformerConfig, num_positions: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, head_dim], table [T, 2, head_dim/2]; computed in float32 like the reference."""
-    cos, sin = table[:, 0], table[:, 1]
+    """x [B, heads, T, head_dim], table [B or 1, T, 2, head_dim/2]; in float32 like the reference."""
+    cos, sin = table[:, None, :, 0], table[:, None, :, 1]  # [B, 1, T, head_dim/2]: shared by the heads
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return rotated.type_as(x)
@@ -76,8 +76,15 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
+        """Write k, v [B, kv_heads, T, head_dim] at `input_pos`: [T] for every row alike, or
+        [B, T] when each row (stream) of a batch is at its own position."""
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, input_pos] = k.transpose(1, 2)  # indexed view is [B, T, kv_heads, head_dim]
+            self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
 
 
@@ -89,12 +96,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(t.hidden_size, t.num_kv_heads * t.head_dim, bias=False)
         self.v_proj = nn.Linear(t.hidden_size, t.num_kv_heads * t.head_dim, bias=False)
         self.o_proj = nn.Linear(t.num_heads * t.head_dim, t.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by `fuse`
+
+    def fuse(self) -> None:
+        """One [q; k; v] matmul instead of three: at batch 1 every matmul is a memory-bound
+        kernel launch, and a frame runs 31 x 4 + 16 of these. Inference only: the checkpoint
+        names (and training) use the separate projections, which are dropped here."""
+        self.qkv_proj = fused_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, rope, mask, input_pos=None, cache: KVCache | None = None):
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(
+                [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
             k, v = cache.update(input_pos, k, v)
@@ -106,12 +126,31 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, t: TransformerConfig):
         super().__init__()
+        self.intermediate_size = t.intermediate_size
         self.gate_proj = nn.Linear(t.hidden_size, t.intermediate_size, bias=False)
         self.up_proj = nn.Linear(t.hidden_size, t.intermediate_size, bias=False)
         self.down_proj = nn.Linear(t.intermediate_size, t.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by `fuse`
+
+    def fuse(self) -> None:
+        """One [gate; up] matmul instead of two (see `Attention.fuse`)."""
+        self.gate_up_proj = fused_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def fused_linear(*parts: nn.Linear) -> nn.Linear:
+    """A bias-free Linear whose output is the concatenation of `parts`' outputs."""
+    weight = torch.cat([p.weight for p in parts], dim=0)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
 
 
 class TransformerBlock(nn.Module):
@@ -141,14 +180,16 @@ class Transformer(nn.Module):
         return [KVCache(batch_size, self.config, max_len, device, dtype) for _ in self.layers]
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cache: list[KVCache] | None = None) -> torch.Tensor:
-        """x [B, T, D] at positions `input_pos` [T]. With a cache, attend to every cached position
-        up to one's own; without, plain causal attention over x (training)."""
-        rope = self.rope[input_pos]
-        if cache is None:
-            mask = input_pos[None, :] <= input_pos[:, None]  # [T, T]
-        else:
-            cache_len = cache[0].k.shape[2]
-            mask = torch.arange(cache_len, device=x.device)[None, :] <= input_pos[:, None]  # [T, cache_len]
+        """x [B, T, D] at positions `input_pos`: [T] for every row, or [B, T] per row (a batch of
+        streams at different positions). With a cache, attend to every cached position up to
+        one's own; without, plain causal attention over x (training)."""
+        pos = input_pos if input_pos.dim() == 2 else input_pos[None]  # [B or 1, T]
+        rope = self.rope[pos]  # [B or 1, T, 2, hd/2]
+        keys = pos[0] if cache is None else torch.arange(cache[0].k.shape[2], device=x.device)
+        visible = (keys[None, None, :] <= pos[:, :, None]).unsqueeze(1)  # [B or 1, 1, T, keys]
+        # additive, in the activations' dtype, once per pass: a boolean mask is converted inside
+        # every layer's attention call (one extra kernel per layer per decoder step)
+        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, input_pos, None if cache is None else cache[i])
         return self.norm(x)
@@ -188,6 +229,14 @@ class Model(nn.Module):
     def codebook_logits(self, codebook: int, decoder_hidden: torch.Tensor) -> torch.Tensor:
         """Logits of codebook i >= 1 from the decoder's hidden state [..., D_dec]."""
         return decoder_hidden @ self.audio_head[codebook - 1]
+
+    def fuse_projections(self) -> "Model":
+        """Fuse q/k/v and gate/up weights of both stacks for inference (see `Attention.fuse`)."""
+        for stack in (self.backbone, self.decoder):
+            for layer in stack.layers:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+        return self
 
     # --- training -------------------------------------------------------------------------------
     def forward_train(self, tokens: torch.Tensor, mask: torch.Tensor, audio_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

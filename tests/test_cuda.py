@@ -8,7 +8,8 @@ import torch
 
 import csm
 from csm.sampling import SamplingParams
-from csm_torch.generator import FrameGenerator
+from csm.checkpoint import open_checkpoint
+from csm_torch.generator import FrameGenerator, load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TEXT = "Testing on the GPU."
@@ -55,10 +56,28 @@ def test_cuda_graph_loop_equals_eager_loop(tiny_csm_dir, params, seed):
     assert len(eager) == 12
 
 
-def test_compiled_cuda_graph_loop_equals_eager_loop(tiny_csm_dir):
+def unfused_model(model_dir):
+    """The eager reference: the checkpoint's own separate q/k/v and gate/up projections."""
+    return load_model(open_checkpoint(model_dir), torch.device("cuda"), torch.float32)
+
+
+def test_fast_path_equals_the_eager_reference(tiny_csm_dir):
+    """Fused projections + compiled stacks + one graph per frame: the eager, unfused loop's greedy codes."""
     gen = csm.load(str(tiny_csm_dir), device="cuda", dtype="float32")
     prompt = gen.prompt(TEXT, 0)
     params = SamplingParams(topk=1)
-    eager = FrameGenerator(gen._backend.model).generate(prompt.tokens, prompt.mask, 12, params)
+    eager = FrameGenerator(unfused_model(tiny_csm_dir)).generate(prompt.tokens, prompt.mask, 12, params)
     fast = FrameGenerator(gen._backend.model, cuda_graph=True, compile=True)
     np.testing.assert_array_equal(fast.generate(prompt.tokens, prompt.mask, 12, params), eager)
+
+
+def test_graphed_batch_gives_each_stream_its_eager_greedy_codes(tiny_csm_dir):
+    gen = csm.load(str(tiny_csm_dir), device="cuda", dtype="float32")
+    texts = ["Hi.", "A longer sentence to pad the batch with.", TEXT]
+    prompts = [(p.tokens, p.mask) for p in (gen.prompt(t, 0) for t in texts)]
+    params = SamplingParams(topk=1)
+    reference = FrameGenerator(unfused_model(tiny_csm_dir))
+    alone = [reference.generate(tokens, mask, 12, params) for tokens, mask in prompts]
+    batch = FrameGenerator(gen._backend.model, batch_size=3, cuda_graph=True).generate_batch(prompts, 12, params)
+    for a, b in zip(alone, batch):
+        np.testing.assert_array_equal(b, a)

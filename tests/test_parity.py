@@ -203,3 +203,44 @@ def test_check_points_cover_first_block_then_every_n_and_the_end():
     assert generator_module.check_points(10, 1, 8) == {1, 9, 10}
     assert generator_module.check_points(10, 20, 3) == {10}
     assert generator_module.check_points(1, 1, 8) == {1}
+
+
+# --- batches ---------------------------------------------------------------------------------------
+
+def test_batch_of_prompts_of_different_lengths_gives_each_its_own_greedy_codes(gen):
+    texts = ["Hi.", "A much longer sentence, to pad the others in the batch.", "Medium length here."]
+    alone = [gen.generate_codes(t, 1, topk=1, max_audio_length_ms=MAX_MS) for t in texts]
+    together = gen.generate_codes_batch(texts, speakers=1, topk=1, max_audio_length_ms=MAX_MS)
+    assert len({len(gen.prompt(t, 1).tokens) for t in texts}) == 3
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_each_stream_of_a_batch_stops_on_its_own_silent_frame(gen):
+    frames = generator_module.FrameGenerator(gen._backend.model, batch_size=3)
+    rng = np.random.default_rng(0)
+    codes = rng.integers(1, 2048, size=(3, 6, 32))
+    codes[0, 2] = 0  # stream 0 ends after 2 frames; stream 2 after 4; stream 1 runs to the end
+    codes[2, 4] = 0
+    frames._blocks = lambda *a: iter([codes[:, :3], codes[:, 3:]])  # the loop's blocks, scripted
+    out = frames.generate_batch([(None, None)] * 3, 6, csm.sampling.SamplingParams(topk=1))
+    assert [len(o) for o in out] == [2, 6, 4]
+    np.testing.assert_array_equal(out[1], codes[1])
+    np.testing.assert_array_equal(out[2], codes[2, :4])
+
+
+def test_batch_api_checks_one_speaker_and_context_per_text(gen):
+    with pytest.raises(csm.CsmError, match="one speaker and one context per text"):
+        gen.generate_codes_batch(["a", "b"], speakers=[0])
+
+
+def test_fused_projections_give_the_same_logits(tiny_transformers_dir):
+    from csm.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(tiny_transformers_dir[0])
+    plain = generator_module.load_model(ckpt, torch.device("cpu"), torch.float32)
+    fused = generator_module.load_model(ckpt, torch.device("cpu"), torch.float32).fuse_projections()
+    assert not hasattr(fused.backbone.layers[0].self_attn, "q_proj")
+    x = torch.randn(2, 5, plain.config.backbone.hidden_size)
+    pos = torch.arange(5)
+    assert_close_rel(fused.backbone(x, pos), plain.backbone(x, pos), rel=1e-6)
