@@ -241,7 +241,10 @@ def torch_rows(impls, a, source, device: str, dtype: str, command: str, log) -> 
 
     from csm_torch.generator import DTYPES
 
-    torch_impls = [i for i in impls if i.backend in ("torch", "transformers")]
+    # transformers' rows share the unfused weights: they run before csm's fuse them
+    torch_impls = sorted((i for i in impls if i.backend in ("torch", "transformers")),
+                         key=lambda i: i.backend != "transformers")
+    fused = False
     if not torch_impls:
         return []
     log(f"building the torch model ({source.label}, {dtype}, {device}) ...")
@@ -258,6 +261,9 @@ def torch_rows(impls, a, source, device: str, dtype: str, command: str, log) -> 
     prompt = prompt_frames(source, a.prompt_tokens)
     rows = []
     for impl in torch_impls:
+        if impl.backend == "torch" and hasattr(model, "fuse_projections") and not fused:
+            model.fuse_projections()  # as csm's torch backend runs it (transformers' rows come first)
+            fused = True
         for batch in (a.batch if impl.batched else [1]):
             log(f"  {impl.label}, batch {batch} ...")
             if impl.backend == "torch":

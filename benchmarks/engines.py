@@ -37,6 +37,11 @@ class Impl:
 
 
 IMPLS = {i.name: i for i in (
+    # transformers first: it runs on the checkpoint's separate projections, which csm's loop then fuses
+    Impl("transformers-eager", "transformers", "transformers generate, eager"),
+    # transformers compiles on its own only on CUDA; forced elsewhere it recompiles every frame
+    Impl("transformers-static-compile", "transformers", "transformers generate, static cache + torch.compile",
+         compile=True, cpu_default=False),
     Impl("csm-torch-eager", "torch", "csm torch, eager", batched=True),
     Impl("csm-torch-compile", "torch", "csm torch, torch.compile per stack", compile=True, batched=True),
     Impl("csm-torch-graph", "torch", "csm torch, frame as one CUDA graph", cuda_graph=True, batched=True, cuda_only=True),
@@ -44,10 +49,6 @@ IMPLS = {i.name: i for i in (
          batched=True, cuda_only=True),
     Impl("csm-mlx", "mlx", "csm mlx, mx.compile", compile=True),
     Impl("csm-mlx-eager", "mlx", "csm mlx, no mx.compile"),
-    Impl("transformers-eager", "transformers", "transformers generate, eager"),
-    # transformers compiles on its own only on CUDA; forced elsewhere it recompiles every frame
-    Impl("transformers-static-compile", "transformers", "transformers generate, static cache + torch.compile",
-         compile=True, cpu_default=False),
 )}
 
 
