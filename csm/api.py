@@ -10,7 +10,7 @@ sampling parameters, watermark); the backend owns frames -> codes and codes <-> 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from csm.errors import CsmError
 from csm.hub import DEFAULT_MODEL, resolve_model
 from csm.prompt import Segment, build_prompt
 from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOPK, SamplingParams, max_frames
+from csm.streaming import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES, plan_chunks, regroup
 from csm.text import load_tokenizer
 
 
@@ -119,29 +120,41 @@ class Generator:
         return [self._finish(codes, watermark, watermark_key) for codes in all_codes]
 
     # --- audio --------------------------------------------------------------------------------
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Codes [frames, 32] -> float32 mono audio at 24 kHz (1920 samples per frame)."""
+    def check_codes(self, codes: np.ndarray, first_frame: int = 0) -> np.ndarray:
+        """`codes` as an array [frames, 32] of Mimi codes, or a CsmError naming the bad one
+        (`first_frame`: where these codes start in the clip, for the message)."""
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[1] != self.config.audio_num_codebooks:
             raise CsmError(f"codes must be [frames, {self.config.audio_num_codebooks}], got {codes.shape}")
-        if len(codes) == 0:
-            return np.zeros(0, dtype=np.float32)
         bad = np.argwhere((codes < 0) | (codes >= MIMI_CODEBOOK_SIZE))
         if len(bad):
             frame, book = bad[0]
             raise CsmError(
-                f"frame {frame}, codebook {book} holds code {codes[frame, book]}, outside Mimi's 0..{MIMI_CODEBOOK_SIZE - 1} "
-                f"({len(bad)} such codes): the model emitted one of its spare ids; generate again with another seed"
+                f"frame {first_frame + frame}, codebook {book} holds code {codes[frame, book]}, outside Mimi's "
+                f"0..{MIMI_CODEBOOK_SIZE - 1} ({len(bad)} such codes): the model emitted one of its spare ids; "
+                f"generate again with another seed"
             )
+        return codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes [frames, 32] -> float32 mono audio at 24 kHz (1920 samples per frame)."""
+        codes = self.check_codes(codes)
+        if len(codes) == 0:
+            return np.zeros(0, dtype=np.float32)
         return self._backend.decode_audio(codes)
 
-    def watermark(self, audio: np.ndarray, key: Sequence[int] | None = None) -> np.ndarray:
-        """Embed the silentcipher watermark (Sesame's public key unless `key` is given)."""
-        from csm.watermark import PUBLIC_KEY, Watermarker
+    def _loaded_watermarker(self):
+        from csm.watermark import Watermarker
 
         if self._watermarker is None:
             self._watermarker = Watermarker.load(self._watermark_model)
-        return self._watermarker.embed(audio, self.sample_rate, tuple(key or PUBLIC_KEY))
+        return self._watermarker
+
+    def watermark(self, audio: np.ndarray, key: Sequence[int] | None = None) -> np.ndarray:
+        """Embed the silentcipher watermark (Sesame's public key unless `key` is given)."""
+        from csm.watermark import PUBLIC_KEY
+
+        return self._loaded_watermarker().embed(audio, self.sample_rate, tuple(key or PUBLIC_KEY))
 
     def generate(
         self,
@@ -167,6 +180,53 @@ class Generator:
             audio = self.watermark(audio, watermark_key)
         return audio
 
+    def stream(
+        self,
+        text: str,
+        speaker: int = 0,
+        context: Sequence[Segment] = (),
+        max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
+        temperature: float = DEFAULT_TEMPERATURE,
+        topk: int = DEFAULT_TOPK,
+        seed: int | None = None,
+        first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES,
+        chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+        watermark: bool = True,
+        watermark_key: Sequence[int] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """`generate`, yielding float32 mono 24 kHz chunks while the frames are produced: the first
+        after `first_chunk_frames` frames (80 ms each), then every `chunk_frames` frames, the last
+        with the rest. Without the watermark the chunks concatenate to `generate(..., watermark=False)`
+        for the same seed.
+
+        With the watermark (the default) every chunk is watermarked on its own and holds at least
+        13 frames (1.04 s: silentcipher needs 0.975 s to carry the whole key), so every sample is
+        marked and every chunk but a shorter last one carries the key by itself; the price is that
+        the first chunk comes after 1.04 s of speech instead of `first_chunk_frames`
+        (see `csm.streaming`). Bad arguments raise here; the generation runs as you iterate.
+        """
+        from csm.watermark import PUBLIC_KEY, validate_key
+
+        plan = plan_chunks(first_chunk_frames, chunk_frames, watermark)
+        params = SamplingParams(temperature=temperature, topk=topk)
+        frames = max_frames(max_audio_length_ms)
+        if watermark:
+            key = validate_key(watermark_key or PUBLIC_KEY)
+            self._loaded_watermarker()  # missing weights fail now, not after the first chunk
+        self._backend.codec  # loads Mimi now: its errors raise here, its load time is not time to first audio
+        prompt = self.prompt(text, speaker, context)
+        blocks = self._backend.stream_codes(prompt.tokens, prompt.mask, frames, params, seed,
+                                            first_block=plan.first, check_every=plan.every)
+        return self._stream_audio(regroup(blocks, plan), key if watermark else None)
+
+    def _stream_audio(self, chunks: Iterable[np.ndarray], watermark_key: tuple[int, ...] | None) -> Iterator[np.ndarray]:
+        done = 0
+        with self._backend.codec.streaming_decoder() as decoder:
+            for codes in chunks:
+                audio = decoder.decode(self.check_codes(codes, first_frame=done))
+                done += len(codes)
+                yield audio if watermark_key is None else self._loaded_watermarker().embed(audio, self.sample_rate, watermark_key)
+
 
 def load(
     model: str | Path = DEFAULT_MODEL,
@@ -178,13 +238,16 @@ def load(
     tokenizer: str | None = None,
     watermark_model: str | None = None,
     quantize: int | None = None,
+    compile: bool | str | None = None,
 ) -> Generator:
     """Load CSM from a local folder/file or a Hub repo id, on `backend` ("auto", "torch", "mlx").
-    `quantize` (4 or 8, MLX only) quantizes float weights at load; quantized folders need no flag."""
+    `quantize` (4 or 8, MLX only) quantizes float weights at load; quantized folders need no flag.
+    `compile` on torch: True/"default" or "max-autotune" compiles the frame's stacks with
+    torch.compile (tens of seconds to minutes at first use, then ~2x faster frames on CUDA)."""
     name = select_backend(backend)
     ckpt = open_checkpoint(resolve_model(model))
     text_tokenizer = load_tokenizer(ckpt.root, tokenizer)
-    return Generator(create_backend(name, ckpt, device, dtype, mimi, quantize), text_tokenizer, watermark_model)
+    return Generator(create_backend(name, ckpt, device, dtype, mimi, quantize, compile), text_tokenizer, watermark_model)
 
 
 def load_csm_1b(device: str = "cuda", model: str | Path = DEFAULT_MODEL, **kwargs) -> Generator:

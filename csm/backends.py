@@ -36,7 +36,8 @@ def select_backend(backend: str | None) -> str:
     return choice
 
 
-def create_backend(name: str, ckpt, device, dtype, mimi, quantize: int | None = None):
+def create_backend(name: str, ckpt, device, dtype, mimi, quantize: int | None = None, compile: bool | str | None = None):
+    """`compile` None keeps each backend's default: torch eager (graphed on CUDA), MLX mx.compile'd."""
     if name == "torch":
         if ckpt.quantization is not None:
             raise CsmError(f"{ckpt.root} holds weights quantized for MLX; load it with backend 'mlx' "
@@ -47,12 +48,14 @@ def create_backend(name: str, ckpt, device, dtype, mimi, quantize: int | None = 
             from csm_torch.backend import TorchBackend
         except ImportError as exc:
             raise CsmError(f"the torch backend needs PyTorch ({exc}); install it with `{INSTALL['torch']}`") from None
-        return TorchBackend(ckpt, device=device, dtype=dtype, mimi=mimi)
+        return TorchBackend(ckpt, device=device, dtype=dtype, mimi=mimi, compile=bool(compile) and compile)
     if name == "mlx":
         try:
             from csm_mlx.backend import MlxBackend
         except ImportError as exc:
             raise CsmError(f"the mlx backend needs MLX, mlx-lm and moshi_mlx ({exc}); "
                            f"install them with `{INSTALL['mlx']}`") from None
-        return MlxBackend(ckpt, device=device, dtype=dtype, mimi=mimi, quantize=quantize)
+        if compile not in (None, True, False):
+            raise CsmError(f"compile mode {compile!r} is a torch option; MLX takes compile=True or False")
+        return MlxBackend(ckpt, device=device, dtype=dtype, mimi=mimi, quantize=quantize, compile=compile is not False)
     raise CsmError(f"unknown backend {name!r}")

@@ -30,6 +30,9 @@ MODEL_SUBDIR = "44_1_khz/73999_iteration"
 WATERMARK_SAMPLE_RATE = 44_100
 MESSAGE_SDR = 36
 KEY_LENGTH = 5
+# One copy of the key spans `message_len` (21) STFT frames of `HOP_LENGTH` (2048) samples at
+# 44.1 kHz (the released model's hparams.yaml): shorter audio cannot carry the whole key.
+MESSAGE_SECONDS = 21 * 2048 / WATERMARK_SAMPLE_RATE  # 0.975 s
 
 _FIX = (
     "Download them once with `huggingface-cli download sony/silentcipher`, or pass "
@@ -40,7 +43,7 @@ _FIX = (
 # --- keys ------------------------------------------------------------------------------------
 
 
-def _validate_key(key: Sequence[int]) -> tuple[int, ...]:
+def validate_key(key: Sequence[int]) -> tuple[int, ...]:
     try:
         values = tuple(key)
     except TypeError:
@@ -247,10 +250,10 @@ class Watermarker:
         """Watermark mono `audio`; returns float32 audio of the same length and sample rate."""
         import torch
 
-        key = _validate_key(key)
+        key = validate_key(key)
         audio = _as_mono(audio)
-        if audio.shape[0] == 0:
-            return audio.copy()
+        if not np.any(audio):
+            return audio.copy()  # silence carries no watermark (silentcipher would print a warning and skip it)
         high = resample(audio, sample_rate, WATERMARK_SAMPLE_RATE)
         with torch.no_grad():
             marked, _ = self.model.encode_wav(
@@ -281,5 +284,5 @@ class Watermarker:
 
     def check(self, audio: np.ndarray, sample_rate: int, key: Sequence[int] = PUBLIC_KEY) -> bool:
         """True iff `audio` carries the watermark `key`."""
-        key = _validate_key(key)
+        key = validate_key(key)
         return self.detect(audio, sample_rate) == key

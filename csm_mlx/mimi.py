@@ -13,10 +13,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from csm.errors import CheckpointError, CsmError
-from csm.mimi_files import (
-    FRAME_SIZE, KYUTAI_FILE, NUM_CODEBOOKS, SAMPLE_RATE, read_codec_config, read_codec_state, resolve_mimi_weights,
-)
+from csm.errors import CheckpointError
+from csm.mimi_files import FRAME_SIZE, KYUTAI_FILE, NUM_CODEBOOKS, read_codec_config, read_codec_state, resolve_mimi_weights
+from csm.mimi_codec import MimiCodecBase, StreamingDecoder
 from csm.mimi_names import transformers_to_original
 
 
@@ -46,7 +45,7 @@ def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = Non
     return MimiCodec(model)
 
 
-class MimiCodec:
+class MimiCodec(MimiCodecBase):
     """numpy in/out wrapper around moshi_mlx's Mimi (float32).
 
     moshi_mlx's own `encode`/`decode` (and its steps, 2 positions each) run Mimi's transformers
@@ -55,42 +54,71 @@ class MimiCodec:
     construction) and the transformers one position at a time against their KV cache, which is
     causal attention exactly."""
 
-    sample_rate = SAMPLE_RATE
-    frame_size = FRAME_SIZE
-    num_codebooks = NUM_CODEBOOKS
-
     def __init__(self, model):
         self.model = model
 
-    def encode(self, audio: np.ndarray) -> np.ndarray:
-        """Mono float32 audio at 24 kHz [N] -> int64 codes [T, 32], T = ceil(N / 1920)."""
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 1:
-            raise CsmError(f"Mimi encodes mono audio as a 1-D array, got shape {audio.shape}")
+    def _encode(self, audio: np.ndarray) -> np.ndarray:
         # moshi pads the last partial frame with zeros; moshi_mlx drops it: pad here
         audio = np.pad(audio, (0, -len(audio) % FRAME_SIZE))
         m = self.model
         m.encoder.reset_state()
+        _reset(m.encoder_cache)
         latents = m.encoder(mx.array(audio)[None, None])  # [1, 512, 2T]
         latents = m.downsample(_causal(m.encoder_transformer, m.encoder_cache, latents))  # [1, 512, T]
         codes = m.quantizer.encode(latents)  # [1, 32, T]
         return np.array(codes[0].T).astype(np.int64)
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Codes [T, 32] -> float32 audio [T * 1920]."""
-        codes = np.asarray(codes)
-        if codes.ndim != 2 or codes.shape[1] != NUM_CODEBOOKS:
-            raise CsmError(f"Mimi decodes codes of shape [T, {NUM_CODEBOOKS}], got {codes.shape}")
+    def _decode(self, codes: np.ndarray) -> np.ndarray:
         m = self.model
-        latents = m.upsample(m.quantizer.decode(mx.array(codes.T.astype(np.int32))[None]))  # [1, 512, 2T]
+        _reset(m.decoder_cache)
+        latents = m.upsample(_quantized_latents(m, codes))  # [1, 512, 2T]
         latents = _causal(m.decoder_transformer, m.decoder_cache, latents)
         m.decoder.reset_state()
-        audio = m.decoder(latents)  # [1, 1, T * 1920]
-        return np.array(audio[0, 0].astype(mx.float32))
+        return _mono(m.decoder(latents))
+
+    def _open_stream(self) -> "MimiStreamingDecoder":
+        return MimiStreamingDecoder(self)
+
+
+class MimiStreamingDecoder(StreamingDecoder):
+    """The batch decode split at block boundaries: the upsampler and the SEANet decoder run their
+    `step` (they keep the inputs a later output still needs, and hold back the transposed
+    convolutions' overlapping tails until the next block completes them), the transformer keeps
+    its KV cache."""
+
+    def __init__(self, codec: MimiCodec):
+        super().__init__(codec)
+        self._reset_decoder()
+
+    def _decode_block(self, codes: np.ndarray) -> np.ndarray:
+        m = self._codec.model
+        latents = m.upsample.step(_quantized_latents(m, codes))  # [1, 512, 2n]
+        latents = _causal(m.decoder_transformer, m.decoder_cache, latents)
+        return _mono(m.decoder.step(latents))  # [n * 1920]
+
+    def _release(self) -> None:
+        self._reset_decoder()  # frees the held-back tails and the cache
+
+    def _reset_decoder(self) -> None:
+        m = self._codec.model
+        m.upsample.reset_state()
+        m.decoder.reset_state()
+        _reset(m.decoder_cache)
+
+
+def _quantized_latents(m, codes: np.ndarray) -> mx.array:
+    return m.quantizer.decode(mx.array(codes.T.astype(np.int32))[None])  # [1, 512, T]
+
+
+def _mono(audio: mx.array) -> np.ndarray:
+    return np.array(audio[0, 0].astype(mx.float32))  # [1, 1, N] -> [N]
+
+
+def _reset(cache) -> None:
+    for c in cache:
+        c.reset()
 
 
 def _causal(transformer, cache, xs: mx.array) -> mx.array:
-    """A Mimi transformer over xs [B, C, T] (conv layout), one position at a time."""
-    for c in cache:
-        c.reset()
+    """A Mimi transformer over xs [B, C, T] (conv layout), one position at a time, continuing `cache`."""
     return mx.concatenate([transformer(xs[..., t : t + 1], cache=cache)[0] for t in range(xs.shape[-1])], axis=-1)

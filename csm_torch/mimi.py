@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csm.errors import CheckpointError, CsmError
+from csm.errors import CheckpointError
+from csm.mimi_codec import MimiCodecBase, StreamingDecoder
 from csm.mimi_files import (  # noqa: F401  (re-exported: the torch codec's public names)
     CODEC_PREFIX, FRAME_SIZE, KYUTAI_FILE, MIMI_FILE, MIMI_REPO, NUM_CODEBOOKS, SAMPLE_RATE, TRANSFORMERS,
     read_codec_config, read_codec_state, resolve_mimi_weights,
@@ -111,73 +112,41 @@ def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = Non
     return MimiCodec(model)
 
 
-class MimiStreamDecoder:
-    """Decodes codes a few frames at a time; the concatenated outputs equal one batch decode.
-    Holds moshi's streaming state until close() (or the end of a ``with`` block)."""
+class MimiStreamingDecoder(StreamingDecoder):
+    """moshi's streaming mode (batch size 1): conv and transformer state carry over between blocks."""
 
     def __init__(self, codec: "MimiCodec"):
-        self.codec = codec
-        self._ctx = codec.model.streaming(1)
-        self._ctx.__enter__()
-        self._closed = False
+        super().__init__(codec)
+        self._streaming = codec.model.streaming(1)  # an ExitStack: closing it drops the state
 
-    def decode_frames(self, codes: np.ndarray) -> np.ndarray:
-        if self._closed:
-            raise CsmError("the Mimi stream decoder is closed")
-        codes_t = self.codec._codes_to_torch(codes)
-        if codes_t.shape[-1] == 0:
-            return np.zeros(0, dtype=np.float32)
-        with torch.inference_mode():
-            audio = self.codec.model.decode(codes_t)
-        return audio[0, 0].float().cpu().numpy()
+    def _decode_block(self, codes: np.ndarray) -> np.ndarray:
+        return self._codec._decode(codes)
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._ctx.__exit__(None, None, None)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    def _release(self) -> None:
+        self._streaming.close()
 
 
-class MimiCodec:
+class MimiCodec(MimiCodecBase):
     """numpy in/out wrapper around moshi's MimiModel (float32, inference mode)."""
-
-    sample_rate = SAMPLE_RATE
-    frame_size = FRAME_SIZE
-    num_codebooks = NUM_CODEBOOKS
 
     def __init__(self, model):
         self.model = model
         self.device = next(model.parameters()).device
 
-    def encode(self, audio: np.ndarray) -> np.ndarray:
-        """Mono float32 audio at 24 kHz [N] -> int64 codes [T, 32], T = ceil(N / 1920)."""
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 1:
-            raise CsmError(f"Mimi encodes mono audio as a 1-D array, got shape {audio.shape}")
+    def _encode(self, audio: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(audio).to(self.device).view(1, 1, -1)
         with torch.inference_mode():
             codes = self.model.encode(x)
         return codes[0].transpose(0, 1).to(torch.int64).cpu().numpy()
 
-    def _codes_to_torch(self, codes: np.ndarray) -> torch.Tensor:
-        codes = np.asarray(codes)
-        if codes.ndim != 2 or codes.shape[1] != NUM_CODEBOOKS:
-            raise CsmError(f"Mimi decodes codes of shape [T, {NUM_CODEBOOKS}], got {codes.shape}")
-        return torch.from_numpy(codes.astype(np.int64)).to(self.device).transpose(0, 1).unsqueeze(0)
-
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Codes [T, 32] -> float32 audio [T * 1920]."""
-        return self.decode_torch(self._codes_to_torch(codes))[0, 0].float().cpu().numpy()
+    def _decode(self, codes: np.ndarray) -> np.ndarray:
+        codes_t = torch.from_numpy(codes.astype(np.int64)).transpose(0, 1).unsqueeze(0)  # [1, 32, T]
+        return self.decode_torch(codes_t)[0, 0].cpu().numpy()
 
     def decode_torch(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, 32, T] (on any device) -> float32 audio [B, 1, T * 1920] on the codec's device."""
         with torch.inference_mode():
             return self.model.decode(codes.to(self.device, torch.int64)).float()
 
-    def stream_decoder(self) -> MimiStreamDecoder:
-        return MimiStreamDecoder(self)
+    def _open_stream(self) -> MimiStreamingDecoder:
+        return MimiStreamingDecoder(self)

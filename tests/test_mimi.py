@@ -164,20 +164,41 @@ def test_qkv_merge_and_rope_permutation_numpy():
 # (c) streaming
 
 
+STREAM_BLOCKS = (1, 3, 4, 5)  # uneven blocks, 13 frames in all
+
+
 def test_stream_decode_equals_batch_decode(kyutai_codec, kyutai_codes, kyutai_audio):
-    batch = kyutai_audio
     chunks = []
-    with kyutai_codec.stream_decoder() as dec:
+    with kyutai_codec.streaming_decoder() as dec:
         start = 0
-        for size in (1, 3, 4, 5):
-            piece = dec.decode_frames(kyutai_codes[start : start + size])
-            assert piece.shape == (size * 1920,)
+        for size in STREAM_BLOCKS:
+            piece = dec.decode(kyutai_codes[start : start + size])
+            assert piece.shape == (size * 1920,) and piece.dtype == np.float32
             chunks.append(piece)
             start += size
+        assert dec.decode(kyutai_codes[:0]).shape == (0,)
     assert start == len(kyutai_codes)
-    np.testing.assert_allclose(np.concatenate(chunks), batch, atol=1e-5, rtol=0)
-    # the codec is usable in batch mode again afterwards
-    np.testing.assert_allclose(kyutai_codec.decode(kyutai_codes[:2]), batch[: 2 * 1920], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(chunks), kyutai_audio, atol=1e-5, rtol=0)
+    # the codec is usable in batch mode again afterwards, and a second stream starts from scratch
+    np.testing.assert_allclose(kyutai_codec.decode(kyutai_codes[:2]), kyutai_audio[: 2 * 1920], atol=1e-5, rtol=0)
+    with kyutai_codec.streaming_decoder() as dec:
+        np.testing.assert_allclose(dec.decode(kyutai_codes[:2]), kyutai_audio[: 2 * 1920], atol=1e-5, rtol=0)
+
+
+def test_open_stream_refuses_other_work_and_closed_stream_refuses_blocks(kyutai_codec, kyutai_codes, audio):
+    dec = kyutai_codec.streaming_decoder()
+    try:
+        for call in (lambda: kyutai_codec.decode(kyutai_codes), lambda: kyutai_codec.encode(audio),
+                     kyutai_codec.streaming_decoder):
+            with pytest.raises(CsmError, match="finish .or close. that stream"):
+                call()
+        with pytest.raises(CsmError, match=r"\[T, 32\]"):
+            dec.decode(kyutai_codes[:, :8])
+    finally:
+        dec.close()
+    dec.close()  # closing twice is harmless
+    with pytest.raises(CsmError, match="closed"):
+        dec.decode(kyutai_codes[:1])
 
 
 # (d) resolution order and the error

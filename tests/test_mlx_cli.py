@@ -50,3 +50,16 @@ def test_backend_flag_is_fixed_and_quantize_is_checked(tmp_path, base_args):
     assert_one_line_error(r, "group size")
     r = run_cli(["--help"], tmp_path, module=MODULE)
     assert r.returncode == 0 and "--quantize" in r.stdout and "--backend" not in r.stdout
+
+
+def test_stream_flag_gives_the_whole_clip_samples_on_mlx(tmp_path, base_args):
+    args = ["--text", "Hello there.", *base_args, "--no-watermark", "--seed", 5]
+    r = run_cli([*args, "--stream", "--first-chunk-frames", 1, "--chunk-frames", 3, "-o", "streamed.wav"], tmp_path,
+                module=MODULE)
+    assert r.returncode == 0, r.stderr
+    assert "on mlx/cpu" in r.stderr and "first audio after" in r.stderr
+    assert run_cli([*args, "-o", "whole.wav"], tmp_path, module=MODULE).returncode == 0
+    streamed, _ = sf.read(str(tmp_path / "streamed.wav"), dtype="float32")
+    whole, _ = sf.read(str(tmp_path / "whole.wav"), dtype="float32")
+    assert streamed.shape == whole.shape == (5 * 1920,)
+    assert np.abs(streamed - whole).max() <= 1 / 32768  # 16-bit WAV: at most one step apart

@@ -57,6 +57,26 @@ def test_transformers_codec_gives_torch_codes_and_audio(tmp_path, audio):
     print(f"transformers codec_model.*: codes equal, decoded audio max |diff| {diff:.2e}")
 
 
+def test_stream_decode_equals_batch_decode(kyutai_file, audio):
+    codec = mlx_mimi.load_mimi(mimi=kyutai_file)
+    codes = codec.encode(audio)  # 14 frames
+    batch = codec.decode(codes)
+    chunks, start = [], 0
+    with codec.streaming_decoder() as dec:
+        for size in (1, 2, 5, 6):
+            piece = dec.decode(codes[start : start + size])
+            assert piece.shape == (size * 1920,) and piece.dtype == np.float32
+            chunks.append(piece)
+            start += size
+    assert start == len(codes)
+    diff = np.abs(np.concatenate(chunks) - batch).max()
+    print(f"MLX Mimi: streamed vs batch decode max |diff| {diff:.1e} (max |audio| {np.abs(batch).max():.2f})")
+    assert diff <= 1e-5, diff
+    with codec.streaming_decoder() as dec:  # a new stream starts from a clean state
+        np.testing.assert_allclose(dec.decode(codes[:3]), batch[: 3 * 1920], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(codec.decode(codes[:3]), batch[: 3 * 1920], atol=1e-5, rtol=0)
+
+
 def test_wrong_weights_name_the_problem(tmp_path):
     from safetensors.numpy import save_file
 

@@ -244,3 +244,11 @@ def test_fused_projections_give_the_same_logits(tiny_transformers_dir):
     x = torch.randn(2, 5, plain.config.backbone.hidden_size)
     pos = torch.arange(5)
     assert_close_rel(fused.backbone(x, pos), plain.backbone(x, pos), rel=1e-6)
+
+
+def test_compile_modes_are_named_or_refused():
+    assert generator_module.compile_options(False) is None
+    assert generator_module.compile_options(True) == {}
+    assert generator_module.compile_options("max-autotune")["max_autotune"] is True
+    with pytest.raises(csm.CsmError, match="unknown compile mode"):
+        generator_module.compile_options("fastest")

@@ -7,16 +7,22 @@ be, and reported as one line with a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 import click
+import numpy as np
 
+from csm.audio import MODEL_SAMPLE_RATE
 from csm.cli.common import entry_point
+from csm.cli.playback import ChunkPlayer, play
 from csm.errors import CsmError, read_json
 from csm.hub import DEFAULT_MODEL
+from csm.mimi_files import FRAME_SIZE
 from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOPK, FRAME_MS, SamplingParams, max_frames
+from csm.streaming import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES
 
 def read_context(path: Path, sample_rate: int) -> list:
     """A JSON list of {"speaker": 0, "text": "...", "audio": "file.wav"}; audio paths are relative
@@ -38,31 +44,20 @@ def read_context(path: Path, sample_rate: int) -> list:
     return segments
 
 
-def play(audio, sample_rate: int) -> None:
-    try:
-        import sounddevice as sd
-    except (ImportError, OSError) as exc:
-        raise CsmError(f"cannot play audio: {exc}. Install PortAudio (e.g. apt install libportaudio2) or use -o FILE") from None
-    try:
-        sd.play(audio, sample_rate)
-        sd.wait()
-    except Exception as exc:  # PortAudioError and friends
-        raise CsmError(f"cannot play audio: no usable output device ({exc}); use -o FILE instead") from None
-
-
 def run(opts: dict) -> None:
     text = opts["text"]
     if not text or not text.strip():
         raise CsmError("--text is empty: give the words to speak")
     params = SamplingParams(temperature=opts["temperature"], topk=opts["top_k"])
     frames = max_frames(opts["max_audio_length_ms"])
+    plan = chunk_plan(opts)
     output = Path(opts["output"]) if opts["output"] else (None if opts["play"] else Path("output.wav"))
     if output is not None and output.exists() and not opts["force"]:
         raise CsmError(f"{output} already exists; pass --force to overwrite it or choose another -o")
     if output is not None and not output.parent.exists():
         raise CsmError(f"output folder {output.parent} does not exist")
 
-    from csm.audio import MODEL_SAMPLE_RATE, write_wav
+    from csm.audio import write_wav
     from csm.watermark import PUBLIC_KEY, parse_key, resolve_watermark_dir
 
     key = parse_key(opts["watermark_key"]) if opts["watermark_key"] else PUBLIC_KEY
@@ -71,36 +66,85 @@ def run(opts: dict) -> None:
     else:
         resolve_watermark_dir(opts["watermark_model"])  # fail now, not after generating
     context = read_context(Path(opts["context"]), MODEL_SAMPLE_RATE) if opts["context"] else []
+    # streamed playback opens the output device first: no device fails before the model loads
+    streamed_playback = opts["play"] and plan is not None
+    with ChunkPlayer(MODEL_SAMPLE_RATE) if streamed_playback else contextlib.nullcontext() as player:
+        import csm
 
-    import csm
+        gen = csm.load(opts["model"], backend=opts["backend"], device=opts["device"], dtype=opts["dtype"],
+                       mimi=opts["mimi"], tokenizer=opts["tokenizer"], watermark_model=opts["watermark_model"],
+                       quantize=opts.get("quantize"))
+        click.echo(f"loaded {opts['model']} on {gen.backend}/{gen.device}", err=True)
+        request = dict(text=text, speaker=opts["speaker"], context=context, max_audio_length_ms=opts["max_audio_length_ms"],
+                       temperature=params.temperature, topk=params.topk, seed=opts["seed"])
+        watermark_key = None if opts["no_watermark"] else key
 
-    gen = csm.load(opts["model"], backend=opts["backend"], device=opts["device"], dtype=opts["dtype"],
-                   mimi=opts["mimi"], tokenizer=opts["tokenizer"], watermark_model=opts["watermark_model"],
-                   quantize=opts.get("quantize"))
-    click.echo(f"loaded {opts['model']} on {gen.backend}/{gen.device}", err=True)
+        from tqdm import tqdm
 
-    from tqdm import tqdm
+        start = time.perf_counter()
+        with tqdm(total=frames, unit="frame", desc="generating", file=sys.stderr, leave=False) as bar:
+            if plan is None:
+                audio, first_audio = generate_whole(gen, request, bar), None
+            else:
+                audio, first_audio = generate_streamed(gen, request, watermark_key, bar, plan, player)
+        elapsed = time.perf_counter() - start
+        if plan is None and watermark_key is not None and len(audio):
+            audio = gen.watermark(audio, watermark_key)  # streamed chunks come watermarked
+        report_speed(len(audio) // FRAME_SIZE, elapsed, first_audio)
+        if output is not None:
+            write_wav(output, audio, gen.sample_rate, force=opts["force"])
+            click.echo(f"wrote {output}", err=True)
+        if player is not None:
+            player.finish()
+            if player.underruns:
+                click.echo(f"warning: playback ran dry {player.underruns} times: generation is slower than real "
+                           f"time here; use -o FILE, or a larger --first-chunk-frames", err=True)
+        elif opts["play"]:
+            play(audio, gen.sample_rate)
 
-    bar = tqdm(total=frames, unit="frame", desc="generating", file=sys.stderr, leave=False)
-    start = time.perf_counter()
-    try:
-        codes = gen.generate_codes(text, speaker=opts["speaker"], context=context, max_audio_length_ms=opts["max_audio_length_ms"],
-                                   temperature=params.temperature, topk=params.topk, seed=opts["seed"],
-                                   on_frame=lambda n: bar.update(n - bar.n))
-    finally:
-        bar.close()
-    audio = gen.decode(codes)
-    elapsed = time.perf_counter() - start
-    if not opts["no_watermark"] and len(audio):
-        audio = gen.watermark(audio, key)
-    seconds = len(codes) * FRAME_MS / 1000
+
+def generate_whole(gen, request: dict, bar):
+    """The whole clip at once, not yet watermarked (the speed figure leaves the watermark out)."""
+    codes = gen.generate_codes(**request, on_frame=lambda n: bar.update(n - bar.n))
+    return gen.decode(codes)
+
+
+def generate_streamed(gen, request: dict, watermark_key, bar, plan, player):
+    """Chunks from Generator.stream, fed to the player as they come: (audio, time to first audio)."""
+    start, first_audio, chunks = time.perf_counter(), None, []
+    for chunk in gen.stream(**request, first_chunk_frames=plan.first, chunk_frames=plan.every,
+                            watermark=watermark_key is not None, watermark_key=watermark_key):
+        chunks.append(chunk)
+        elapsed = time.perf_counter() - start
+        if first_audio is None:
+            first_audio = elapsed
+        bar.update(len(chunk) // FRAME_SIZE)
+        if player is not None:
+            # the next chunk comes after its frames are generated, at the pace kept so far
+            produced = sum(len(c) for c in chunks) / MODEL_SAMPLE_RATE
+            player.feed(chunk, next_chunk_in=elapsed / produced * plan.every * FRAME_MS / 1000)
+    return (np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)), first_audio
+
+
+def report_speed(n_frames: int, elapsed: float, first_audio: float | None) -> None:
+    seconds = n_frames * FRAME_MS / 1000
     rtf = f"RTF {elapsed / seconds:.2f}" if seconds else "no audio"
-    click.echo(f"{seconds:.2f} s of audio ({len(codes)} frames) in {elapsed:.2f} s, {rtf}", err=True)
-    if output is not None:
-        write_wav(output, audio, gen.sample_rate, force=opts["force"])
-        click.echo(f"wrote {output}", err=True)
-    if opts["play"]:
-        play(audio, gen.sample_rate)
+    ttfa = "" if first_audio is None else f", first audio after {first_audio:.2f} s"
+    click.echo(f"{seconds:.2f} s of audio ({n_frames} frames) in {elapsed:.2f} s, {rtf}{ttfa}", err=True)
+
+
+def chunk_plan(opts: dict):
+    """The stream's chunk sizes with --stream, else None (and the chunk flags are refused)."""
+    from csm.streaming import plan_chunks
+
+    if not opts["stream"]:
+        for flag in ("first_chunk_frames", "chunk_frames"):
+            if opts[flag] is not None:
+                raise CsmError(f"--{flag.replace('_', '-')} sets the chunks of --stream: add --stream or drop it")
+        return None
+    first = DEFAULT_FIRST_CHUNK_FRAMES if opts["first_chunk_frames"] is None else opts["first_chunk_frames"]
+    every = DEFAULT_CHUNK_FRAMES if opts["chunk_frames"] is None else opts["chunk_frames"]
+    return plan_chunks(first, every, watermark=not opts["no_watermark"])
 
 
 def make_command(backend: str | None = None, name: str = "csm-generate", extra_options=()) -> click.Command:
@@ -128,7 +172,12 @@ def make_command(backend: str | None = None, name: str = "csm-generate", extra_o
         click.option("--seed", type=int, help="Seed for reproducible sampling."),
         click.option("--output", "-o", type=click.Path(), help="WAV file to write (default output.wav unless --play)."),
         click.option("--force", is_flag=True, help="Overwrite the output file."),
-        click.option("--play", is_flag=True, help="Play the audio (sounddevice)."),
+        click.option("--play", is_flag=True, help="Play the audio (sounddevice); with --stream, while it is generated."),
+        click.option("--stream", is_flag=True, help="Generate chunk by chunk (first audio sooner); see --first-chunk-frames."),
+        click.option("--first-chunk-frames", type=click.IntRange(min=1),
+                     help=f"--stream: frames (80 ms) in the first chunk [default: {DEFAULT_FIRST_CHUNK_FRAMES}; at least 13 with the watermark]."),
+        click.option("--chunk-frames", type=click.IntRange(min=1),
+                     help=f"--stream: frames in each later chunk [default: {DEFAULT_CHUNK_FRAMES}; at least 13 with the watermark]."),
         click.option("--watermark-key", help="Your own 5-byte key, e.g. 1,2,3,4,5 (default: Sesame's public key)."),
         click.option("--watermark-model", help="Folder with the silentcipher weights (default: $CSM_WATERMARK_MODEL or the Hub)."),
         click.option("--no-watermark", is_flag=True, help="Do not watermark (not recommended)."),
