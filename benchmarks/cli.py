@@ -131,7 +131,7 @@ def chosen_impls(names: list[str] | None, torch_dev: str | None) -> list[engines
         if torch_dev == "cpu":
             impls = [i for i in impls if i.cpu_default]
         else:  # torch.compile without a CUDA graph is the GPU's slower variant
-            impls = [i for i in impls if i.name != "csm-torch-compile"]
+            impls = [i for i in impls if i.gpu_default and i.name != "csm-torch-compile"]
         if not mlx_installed():
             impls = [i for i in impls if i.backend != "mlx"]
     if torch_dev is None:

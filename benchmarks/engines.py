@@ -30,10 +30,11 @@ class Impl:
     backend: str  # "torch", "mlx" or "transformers"
     label: str
     cuda_graph: bool = False
-    compile: bool = False
+    compile: bool | str = False  # a csm compile mode ("max-autotune") where it is a string
     batched: bool = False  # runs batch sizes above 1
     cuda_only: bool = False
     cpu_default: bool = True  # in the default set on CPUs too
+    gpu_default: bool = True  # in the default set on GPUs
 
 
 IMPLS = {i.name: i for i in (
@@ -47,6 +48,9 @@ IMPLS = {i.name: i for i in (
     Impl("csm-torch-graph", "torch", "csm torch, frame as one CUDA graph", cuda_graph=True, batched=True, cuda_only=True),
     Impl("csm-torch-graph-compile", "torch", "csm torch, CUDA graph + torch.compile", cuda_graph=True, compile=True,
          batched=True, cuda_only=True),
+    # ~2 min of Triton tuning per batch size: asked for by name only
+    Impl("csm-torch-graph-autotune", "torch", "csm torch, CUDA graph + torch.compile max-autotune", cuda_graph=True,
+         compile="max-autotune", batched=True, cuda_only=True, gpu_default=False),
     Impl("csm-mlx", "mlx", "csm mlx, mx.compile", compile=True),
     Impl("csm-mlx-eager", "mlx", "csm mlx, no mx.compile"),
 )}

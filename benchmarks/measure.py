@@ -66,24 +66,14 @@ class StreamedAudio:
 def block_decoder(codec) -> Iterator[tuple[Callable[[np.ndarray], np.ndarray], str]]:
     """(decode one block of codes [n, 32] -> audio [n * 1920], what kind of decoder it is).
 
-    A streaming decoder keeps Mimi's state from block to block; where the codec has none, each
-    block is decoded alone with `codec.decode` (same cost per call, audio slightly off at the
-    seams): a stand-in, labelled as such in the results."""
-    if hasattr(codec, "streaming_decoder"):
-        decoder = codec.streaming_decoder()
-        decode = decoder.decode
-    elif hasattr(codec, "stream_decoder"):
-        decoder = codec.stream_decoder()
-        decode = decoder.decode_frames
-    else:
+    A streaming decoder keeps Mimi's state from block to block; a codec without one decodes each
+    block alone with `codec.decode` (same cost per call, audio slightly off at the seams): a
+    stand-in, labelled as such in the results."""
+    if not hasattr(codec, "streaming_decoder"):
         yield codec.decode, STAND_IN
         return
-    try:
-        yield decode, STREAMING
-    finally:
-        close = getattr(decoder, "close", None)
-        if close is not None:
-            close()
+    with codec.streaming_decoder() as decoder:
+        yield decoder.decode, STREAMING
 
 
 def streamed_audio(engine, codec, frames: int, first_chunk: int, chunk: int) -> StreamedAudio:

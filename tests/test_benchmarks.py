@@ -36,6 +36,7 @@ def test_every_row_has_every_field_and_positive_figures(quick_run):
         assert row["error"] is None, row["error"]
         for field in report.MEASURED:
             assert row[field] > 0, (row["impl"], field)
+        assert row["mimi_decoder"] == "streaming", row["impl"]
         assert row["versions"]["torch"] and row["date"] and row["command"].startswith("python -m benchmarks")
 
 
