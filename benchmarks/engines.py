@@ -1,0 +1,200 @@
+"""Every implementation the benchmark times, behind one small interface.
+
+An engine runs greedy generation from a fixed prompt: `generate(frames)` returns the codes of
+each stream ([F, 32] each, one per stream of the batch), `stream(frames, first_block, every)`
+yields code blocks of a single stream as they are known (what streaming audio is built on),
+and `sync()` waits for the device. csm's own frame loops (torch or MLX) and transformers'
+`CsmForConditionalGeneration.generate` are wrapped here; the measurement protocol
+(`benchmarks.measure`) knows nothing else about them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from csm.prompt import Frames
+from csm.sampling import SamplingParams
+
+GREEDY = SamplingParams(topk=1)
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One way to run the model: which library, and which of its speed-ups."""
+
+    name: str
+    backend: str  # "torch", "mlx" or "transformers"
+    label: str
+    cuda_graph: bool = False
+    compile: bool | str = False  # a csm compile mode ("max-autotune") where it is a string
+    batched: bool = False  # runs batch sizes above 1
+    cuda_only: bool = False
+    cpu_default: bool = True  # in the default set on CPUs too
+    gpu_default: bool = True  # in the default set on GPUs
+
+
+IMPLS = {i.name: i for i in (
+    # transformers first: it runs on the checkpoint's separate projections, which csm's loop then fuses
+    Impl("transformers-eager", "transformers", "transformers generate, eager"),
+    # transformers compiles on its own only on CUDA; forced elsewhere it recompiles every frame
+    Impl("transformers-static-compile", "transformers", "transformers generate, static cache + torch.compile",
+         compile=True, cpu_default=False),
+    Impl("csm-torch-eager", "torch", "csm torch, eager", batched=True),
+    Impl("csm-torch-compile", "torch", "csm torch, torch.compile per stack", compile=True, batched=True),
+    Impl("csm-torch-graph", "torch", "csm torch, frame as one CUDA graph", cuda_graph=True, batched=True, cuda_only=True),
+    Impl("csm-torch-graph-compile", "torch", "csm torch, CUDA graph + torch.compile", cuda_graph=True, compile=True,
+         batched=True, cuda_only=True),
+    # ~2 min of Triton tuning per batch size: asked for by name only
+    Impl("csm-torch-graph-autotune", "torch", "csm torch, CUDA graph + torch.compile max-autotune", cuda_graph=True,
+         compile="max-autotune", batched=True, cuda_only=True, gpu_default=False),
+    Impl("csm-mlx", "mlx", "csm mlx, mx.compile", compile=True),
+    Impl("csm-mlx-eager", "mlx", "csm mlx, no mx.compile"),
+)}
+
+
+class BatchingMissing(RuntimeError):
+    """The torch FrameGenerator of this checkout has no `generate_batch` yet."""
+
+
+class FrameLoopEngine:
+    """csm's frame loop, either backend: both FrameGenerators share generate/stream signatures."""
+
+    def __init__(self, frame_generator, prompt: Frames, sync: Callable[[], None], batch_size: int = 1):
+        self.generator = frame_generator
+        self.prompt = prompt
+        self.sync = sync
+        self.batch_size = batch_size
+        if batch_size > 1 and not hasattr(frame_generator, "generate_batch"):
+            raise BatchingMissing("batch > 1 needs FrameGenerator.generate_batch, which this checkout lacks")
+
+    def generate(self, frames: int) -> list[np.ndarray]:
+        p = self.prompt
+        if self.batch_size == 1:
+            return [self.generator.generate(p.tokens, p.mask, frames, GREEDY, seed=SEED)]
+        prompts = [(p.tokens, p.mask)] * self.batch_size
+        return list(self.generator.generate_batch(prompts, frames, GREEDY, seed=SEED))
+
+    def stream(self, frames: int, first_block: int, every: int) -> Iterator[np.ndarray]:
+        p = self.prompt
+        return self.generator.stream(p.tokens, p.mask, frames, GREEDY, seed=SEED, first_block=first_block, check_every=every)
+
+
+def torch_engine(impl: Impl, model, prompt: Frames, batch_size: int) -> FrameLoopEngine:
+    import torch
+
+    from csm_torch.generator import FrameGenerator
+
+    generator = FrameGenerator(model, batch_size=batch_size, cuda_graph=impl.cuda_graph, compile=impl.compile)
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return FrameLoopEngine(generator, prompt, sync, batch_size)
+
+
+def mlx_engine(impl: Impl, model, prompt: Frames) -> FrameLoopEngine:
+    import mlx.core as mx
+
+    from csm_mlx.generator import FrameGenerator
+
+    return FrameLoopEngine(FrameGenerator(model, compile=impl.compile), prompt, mx.synchronize)
+
+
+# --- transformers' reference ------------------------------------------------------------------
+
+# transformers' CSM holds a Mimi it never runs in `generate`: build the smallest one it accepts.
+_UNUSED_CODEC = dict(num_filters=8, num_hidden_layers=1, intermediate_size=64, codebook_dim=16,
+                     vector_quantization_hidden_dimension=16, num_quantizers=32)
+
+
+def transformers_model(model):
+    """`CsmForConditionalGeneration` over the very tensors of a csm_torch `Model` (shared, not
+    copied), renamed through csm's one table: the reference runs on exactly our weights."""
+    import torch
+    from transformers import CsmConfig, CsmForConditionalGeneration, MimiConfig
+    from transformers.initialization import no_init_weights
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # its config warnings are about the random model's token ids, not speed
+
+    from csm.config import to_transformers_dict
+    from csm.weights import to_csm_name
+
+    p = next(model.parameters())
+    d = to_transformers_dict(model.config)
+    d.pop("architectures")
+    config = CsmConfig(**d, codec_config=MimiConfig(**_UNUSED_CODEC).to_dict())
+    with no_init_weights(), torch.device(p.device):
+        hf = CsmForConditionalGeneration._from_config(config, dtype=p.dtype)
+    ours = dict(model.named_parameters())
+    shared = {}
+    for name in hf.state_dict():
+        csm_name = to_csm_name(name, "transformers")
+        if csm_name is not None:
+            shared[name] = ours[csm_name]
+    missing, _ = hf.load_state_dict(shared, strict=False, assign=True)
+    unset = [n for n in missing if not n.startswith("codec_model.")]
+    if unset:
+        raise RuntimeError(f"transformers parameters left without csm weights: {unset[:4]}")
+    return hf.eval()
+
+
+class TransformersEngine:
+    """Greedy `generate` of transformers' CSM. It has no streaming: its first audio comes after
+    the whole call, so `stream` yields the codes once, at the end."""
+
+    def __init__(self, hf_model, prompt_ids: list[int], max_frames: int, static_compile: bool):
+        import torch
+
+        self.model = hf_model
+        self.ids = torch.tensor([prompt_ids], device=hf_model.device)
+        self.batch_size = 1
+        # A fixed max_new_tokens keeps the static cache one shape for every call (no recompiles);
+        # a stopping criterion ends each call at the frames asked for.
+        self.max_frames = max_frames
+        if static_compile:
+            hf_model.generation_config.cache_implementation = "static"
+            hf_model.depth_decoder.generation_config.cache_implementation = "static"
+            if hf_model.device.type != "cuda":  # generate() compiles on its own only on CUDA
+                for cfg in (hf_model.generation_config, hf_model.depth_decoder.generation_config):
+                    cfg.compile_config = _compile_everywhere()
+        self.sync = torch.cuda.synchronize if hf_model.device.type == "cuda" else (lambda: None)
+
+    def generate(self, frames: int) -> list[np.ndarray]:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=self.ids, do_sample=False, depth_decoder_do_sample=False,
+                max_new_tokens=self.max_frames, min_new_tokens=frames,
+                stopping_criteria=StoppingCriteriaList([_stop_after(frames)]),
+            )
+        return [out[0].cpu().numpy().astype(np.int64)]
+
+    def stream(self, frames: int, first_block: int, every: int) -> Iterator[np.ndarray]:
+        yield from self.generate(frames)
+
+
+def _compile_everywhere():
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers' own switch for compiling off CUDA
+    return config
+
+
+def _stop_after(frames: int):
+    """Stop once `frames` frames exist (ids [B, frames, 32]). CSM's generate keeps only
+    MaxLengthCriteria-type criteria, hence the subclass; `max_length`, which CSM rewrites, is unused."""
+    import torch
+    from transformers import MaxLengthCriteria
+
+    class StopAfter(MaxLengthCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = input_ids.ndim == 3 and input_ids.shape[1] >= frames
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    return StopAfter(max_length=frames)

@@ -1,0 +1,79 @@
+"""The benchmark harness end to end on a tiny random model on the CPU (seconds): every row has
+every field, the figures are positive, the markdown renders, RESULTS.md keeps what it had."""
+
+import json
+
+import pytest
+
+from benchmarks import cli, report
+from benchmarks.bandwidth import params_per_frame
+from csm.config import PRESETS
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+QUICK = ["--preset", "tiny", "--device", "cpu", "--frames", "4", "--warmup-frames", "2", "--prompt-tokens", "12"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One run of three implementations: csm torch, transformers' reference, csm MLX."""
+    out = tmp_path_factory.mktemp("bench")
+    impls = ["transformers-eager", "csm-torch-eager"] + (["csm-mlx"] if cli.mlx_installed() else [])
+    results = out / "RESULTS.md"
+    results.write_text("# Measured results\n\nan earlier row\n")
+    argv = QUICK + ["--impl", *impls, "--batch", "1", "2", "--json", str(out / "rows.json"),
+                    "--append-results", str(results)]
+    assert cli.main(argv) == 0
+    return json.loads((out / "rows.json").read_text()), results.read_text(), impls
+
+
+def test_every_row_has_every_field_and_positive_figures(quick_run):
+    rows, _, impls = quick_run
+    batch_one = [r for r in rows if r["batch"] == 1]
+    assert [r["impl"] for r in batch_one] == impls
+    for row in batch_one:
+        assert set(row) == set(report.ROW_FIELDS), row["impl"]
+        assert row["error"] is None, row["error"]
+        for field in report.MEASURED:
+            assert row[field] > 0, (row["impl"], field)
+        assert row["mimi_decoder"] == "streaming", row["impl"]
+        assert row["versions"]["torch"] and row["date"] and row["command"].startswith("python -m benchmarks")
+
+
+def test_the_reference_runs_on_the_same_weights(quick_run):
+    """float32 on the CPU: csm's greedy codes (fused weights, and MLX's) equal transformers' frame for frame."""
+    rows, _, impls = quick_run
+    assert rows[0]["impl"] == "transformers-eager"
+    assert [r["codes_match_first_row"] for r in rows if r["batch"] == 1] == [1.0] * len(impls)
+
+
+def test_batched_rows_measure_or_say_what_they_need(quick_run):
+    rows, _, _ = quick_run
+    (batched,) = [r for r in rows if r["batch"] == 2]
+    assert batched["impl"] == "csm-torch-eager"  # only csm's torch loop batches
+    if batched["error"] is not None:
+        assert "generate_batch" in batched["error"]
+    else:
+        assert batched["frames_per_s_aggregate"] == pytest.approx(2 * batched["frames_per_s_per_stream"])
+
+
+def test_markdown_table_and_results_section(quick_run, capsys):
+    rows, results, _ = quick_run
+    table = report.markdown_table(rows).splitlines()
+    assert len(table) == 2 + len(rows)
+    assert len({line.count("|") for line in table}) == 1  # every line has every column
+    assert results.startswith("# Measured results\n\nan earlier row\n")
+    assert "csm torch, eager" in results and rows[0]["command"] in results
+
+
+def test_bytes_per_frame_of_csm_1b():
+    """PERF_NOTES: 977 M backbone params + 31 x 115 M decoder params = 4.55 G read per frame."""
+    assert params_per_frame(PRESETS["csm-1b"]) == pytest.approx(4.55e9, rel=2e-3)
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--model", "x", "--dims", "1x64x4x2x128,1x64x4x2x128"])
+    assert exc.value.code == 2
+    assert cli.main(["--dims", "1x64", "--device", "cpu"]) == 2
+    assert "--dims" in capsys.readouterr().err
