@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from moshi.utils.compile import no_cuda_graph
 
 from csm.errors import CheckpointError
 from csm.mimi_codec import MimiCodecBase, StreamingDecoder
@@ -120,7 +121,7 @@ class MimiStreamingDecoder(StreamingDecoder):
         self._streaming = codec.model.streaming(1)  # an ExitStack: closing it drops the state
 
     def _decode_block(self, codes: np.ndarray) -> np.ndarray:
-        return self._codec._decode(codes)
+        return self._codec._decode(codes)  # (no moshi CUDA graphs: see `MimiCodec.decode_torch`)
 
     def _release(self) -> None:
         self._streaming.close()
@@ -135,7 +136,7 @@ class MimiCodec(MimiCodecBase):
 
     def _encode(self, audio: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(audio).to(self.device).view(1, 1, -1)
-        with torch.inference_mode():
+        with torch.inference_mode(), no_cuda_graph():
             codes = self.model.encode(x)
         return codes[0].transpose(0, 1).to(torch.int64).cpu().numpy()
 
@@ -144,8 +145,12 @@ class MimiCodec(MimiCodecBase):
         return self.decode_torch(codes_t)[0, 0].cpu().numpy()
 
     def decode_torch(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes [B, 32, T] (on any device) -> float32 audio [B, 1, T * 1920] on the codec's device."""
-        with torch.inference_mode():
+        """Codes [B, 32, T] (on any device) -> float32 audio [B, 1, T * 1920] on the codec's device.
+
+        moshi's own CUDA graphs are off: in streaming mode it captures one graph at the first
+        block's shape and refuses any other block size (and a capture beside ours failed on an
+        H100), while stream chunks vary in size (first chunk, steady chunks, the rest)."""
+        with torch.inference_mode(), no_cuda_graph():
             return self.model.decode(codes.to(self.device, torch.int64)).float()
 
     def _open_stream(self) -> MimiStreamingDecoder:
