@@ -10,7 +10,9 @@ One frame = 1 backbone step + 31 decoder steps + 32 samples (CSM_FACTS §3), as 
 
 Steps 2-3 have the same shapes every frame, so they are one `mx.compile`d function (sampling
 included); the backbone step is not compiled: its cache grows every frame, and a new shape
-would mean a new trace.
+would mean a new trace. Frame i+1 is queued (`mx.async_eval`) before frame i is read back for
+the end-of-speech check, so building one frame's graph overlaps computing the last.
+RoPE is mlx-lm's (`mx.fast.rope` with its frequency table computed once per layer).
 """
 
 from __future__ import annotations
@@ -168,14 +170,28 @@ class FrameGenerator:
         m = self.model
         key = mx.random.key(seed if seed is not None else secrets.randbits(63))
         cache = m.backbone.make_cache()
-        x = m.embed_frames(mx.array(tokens)[None], mx.array(mask)[None])  # [1, T, D]
         audio_mask = mx.array([[[True] * self.config.audio_num_codebooks + [False]]])  # [1, 1, 33]
         zero_text = mx.zeros((1, 1), dtype=mx.int32)
-        for _ in range(max_frames):
+
+        def next_frame(x: mx.array) -> mx.array:
+            nonlocal key
             key, frame_key = mx.random.split(key)
-            codes = self.frame(x, cache, frame_key, params)  # [1, 32]
+            codes = self.frame(x, cache, frame_key, params)  # [1, 32], lazy
+            mx.async_eval(codes)
+            return codes
+
+        def after(codes: mx.array) -> mx.array:
+            return m.embed_frames(mx.concatenate([codes, zero_text], axis=1)[:, None], audio_mask)  # [1, 1, D]
+
+        # Frame i+1's graph depends only on frame i's lazy codes: it is built and queued before
+        # frame i is read back for the end-of-speech check, so building overlaps computing. Once
+        # an all-zero frame ends the loop, the one frame queued after it is dropped (the loop is
+        # causal: the frames before are the same as without it).
+        codes = next_frame(m.embed_frames(mx.array(tokens)[None], mx.array(mask)[None]))  # prompt [1, T, D]
+        for i in range(max_frames):
+            queued = next_frame(after(codes)) if i + 1 < max_frames else None
             block = np.array(codes).astype(np.int64)
             if not block.any():  # end of speech: an all-zero frame, not kept
                 return
             yield block
-            x = m.embed_frames(mx.concatenate([codes, zero_text], axis=1)[:, None], audio_mask)  # [1, 1, D]
+            codes = queued
