@@ -30,7 +30,7 @@ from csm.errors import CsmError
 from csm.prompt import check_fits
 from csm.sampling import SamplingParams
 from csm.weights import check_complete, to_csm
-from csm_mlx.model import BucketKVCache, Model
+from csm_mlx.model import Model
 from csm_mlx.quantize import quantize_model, quantize_skeleton
 from csm_mlx.sampling import sample
 
@@ -100,31 +100,6 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32, quantize: int | N
     return model.eval()
 
 
-class BackboneCache:
-    """The backbone's keys and values as plain arrays (one `BucketKVCache` per layer is made from
-    them inside each step); `length`, the filled positions, is known on the host and decides when
-    the arrays grow, by whole `BucketKVCache.step`s."""
-
-    def __init__(self, backbone):
-        self.backbone = backbone
-        self.keys: list[mx.array] = []
-        self.values: list[mx.array] = []
-        self.length = 0
-
-    def reserve(self, x: mx.array) -> None:
-        """Room for the positions of x [B, T, D]."""
-        step = BucketKVCache.step
-        capacity = self.keys[0].shape[2] if self.keys else 0
-        needed = -(-(self.length + x.shape[1]) // step) * step
-        if needed > capacity:
-            more = self.backbone.empty_kv(x.shape[0], needed - capacity, x.dtype)
-            if self.keys:
-                self.keys = [mx.concatenate([k, z], axis=2) for k, z in zip(self.keys, more)]
-                self.values = [mx.concatenate([v, z], axis=2) for v, z in zip(self.values, more)]
-            else:
-                self.keys, self.values = more, list(more)
-
-
 class FrameGenerator:
     """Runs the frame loop of one model; `compile` traces the per-frame decoder work once per
     sampling setting."""
@@ -135,7 +110,6 @@ class FrameGenerator:
         self.max_seq_len = self.config.backbone.max_seq_len
         self.compile = compile
         self._frame_tails: dict[SamplingParams, Callable] = {}
-        self._backbone_step = mx.compile(self.backbone_step, inputs=model.state) if compile else self.backbone_step
 
     def frame_tail(self, h: mx.array, key: mx.array, params: SamplingParams) -> mx.array:
         """The last backbone state h [B, D] -> the frame's 32 codes [B, 32] (int32)."""
@@ -160,19 +134,9 @@ class FrameGenerator:
             self._frame_tails[params] = mx.compile(tail, inputs=self.model.state) if self.compile else tail
         return self._frame_tails[params]
 
-    def backbone_step(self, x: mx.array, keys: list, values: list, offset: mx.array):
-        """x [B, T, D] at positions offset.. -> (last hidden state [B, D], keys, values)."""
-        caches = [BucketKVCache(k, v, offset) for k, v in zip(keys, values)]
-        h = self.model.backbone(x, caches)[:, -1]
-        return h, [c.keys for c in caches], [c.values for c in caches]
-
-    def frame(self, x: mx.array, cache: BackboneCache, key: mx.array, params: SamplingParams) -> mx.array:
+    def frame(self, x: mx.array, cache, key: mx.array, params: SamplingParams) -> mx.array:
         """One frame of codes [B, 32] after the new positions' embeddings x [B, T, D]."""
-        cache.reserve(x)
-        # the prompt runs uncompiled: its length differs from call to call
-        step = self._backbone_step if x.shape[1] == 1 else self.backbone_step
-        h, cache.keys, cache.values = step(x, cache.keys, cache.values, mx.array(cache.length))
-        cache.length += x.shape[1]
+        h = self.model.backbone(x, cache)[:, -1]  # [B, D]
         return self._tail_for(params)(h, key)
 
     def generate(
@@ -205,7 +169,7 @@ class FrameGenerator:
         check_fits(n, max_frames, self.max_seq_len)
         m = self.model
         key = mx.random.key(seed if seed is not None else secrets.randbits(63))
-        cache = BackboneCache(m.backbone)
+        cache = m.backbone.make_cache()
         audio_mask = mx.array([[[True] * self.config.audio_num_codebooks + [False]]])  # [1, 1, 33]
         zero_text = mx.zeros((1, 1), dtype=mx.int32)
 

@@ -49,29 +49,6 @@ def llama_args(t: TransformerConfig) -> ModelArgs:
     )
 
 
-class BucketKVCache:
-    """One layer's KV cache for a compiled step: the write position is an array (a traced value, not
-    a constant baked into the trace) and attention sees the whole allocation under a mask. Its
-    arrays grow outside the trace in mlx-lm's `KVCache.step` (256) positions, so a compiled step is
-    traced once per 256 positions instead of once per position; attention reads at most 255
-    masked-out positions more than the filled part."""
-
-    step = KVCache.step
-
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
-        self.keys, self.values, self.offset = keys, values, offset  # [B, H_kv, S, d] x 2, scalar
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.keys = mx.slice_update(self.keys, keys, self.offset, axes=(2,))
-        self.values = mx.slice_update(self.values, values, self.offset, axes=(2,))
-        self.offset = self.offset + keys.shape[2]
-        return self.keys, self.values
-
-    def make_mask(self, n: int, **_) -> mx.array:
-        """[n, S]: query i (at position offset + i) sees the keys at positions <= offset + i."""
-        return mx.arange(self.keys.shape[2])[None] <= (self.offset + mx.arange(n))[:, None]
-
-
 class Transformer(nn.Module):
     """A Llama stack without embeddings or head: hidden states in, normalised hidden states out."""
 
@@ -83,11 +60,6 @@ class Transformer(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
-
-    def empty_kv(self, batch: int, capacity: int, dtype: mx.Dtype) -> list[mx.array]:
-        """Zeroed keys for every layer, [B, H_kv, capacity, d] each (values have the same shape)."""
-        attn = self.layers[0].self_attn
-        return [mx.zeros((batch, attn.n_kv_heads, capacity, attn.head_dim), dtype) for _ in self.layers]
 
     def __call__(self, x: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """x [B, T, D] at the positions after those already in `cache` (from 0 without one)."""
