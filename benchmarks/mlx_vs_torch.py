@@ -1,7 +1,14 @@
-"""Frames per second of the MLX backend (with and without `mx.compile`, float and quantized) next to
-the torch backend, on the same random weights.
+"""Frames per second of the MLX backend (with and without `mx.compile` and the async overlap of
+frames, float and quantized) next to the torch backend, on the same random weights.
 
-    python -m benchmarks.mlx_vs_torch [--device cpu] [--frames 16] [--preset tiny|csm-1b]
+    uv run python -m benchmarks.mlx_vs_torch [--device cpu] [--frames 16] [--preset tiny|csm-1b]
+
+On a Mac (Apple GPU; MLX only, torch's CPU figure is no comparison there), after `uv sync --extra dev`:
+
+    uv run python -m benchmarks.mlx_vs_torch --device gpu --dtype bfloat16 --preset csm-1b \
+        --impl mlx-sync mlx mlx-q8 mlx-q4
+
+and add the table it prints, with the Mac model and the date, to benchmarks/RESULTS.md.
 
 The default model is "tiny but not trivial": backbone 4 layers x 512, decoder 2 x 256, real
 vocabularies of audio (2051 x 32 codebooks) and a small text vocabulary (its size costs nothing
@@ -42,19 +49,20 @@ import json, sys, time
 from csm.checkpoint import open_checkpoint
 from csm.prompt import text_frames
 from csm.sampling import SamplingParams
-impl, d, device, frames, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+impl, d, device, frames, n, dtype = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 ckpt = open_checkpoint(d)
 if impl == "torch":
     import torch
     from csm_torch.generator import FrameGenerator, load_model
-    gen = FrameGenerator(load_model(ckpt, torch.device(device), torch.float32))
+    gen = FrameGenerator(load_model(ckpt, torch.device(device), getattr(torch, dtype)))
     sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
 else:
     import mlx.core as mx
-    from csm_mlx.generator import FrameGenerator, load_model, pick_device
+    from csm_mlx.generator import DTYPES, FrameGenerator, load_model, pick_device
     mx.set_default_device(pick_device(device))
     quantize = {"mlx-q8": 8, "mlx-q4": 4}.get(impl)
-    gen = FrameGenerator(load_model(ckpt, mx.float32, quantize=quantize), compile=impl != "mlx-eager")
+    gen = FrameGenerator(load_model(ckpt, DTYPES[dtype], quantize=quantize), compile=impl != "mlx-eager",
+                         overlap=impl != "mlx-sync")
     sync = mx.synchronize
 prompt = text_frames(list(range(1, n + 1)), ckpt.config.audio_num_codebooks)
 p = SamplingParams(topk=1)
@@ -71,7 +79,8 @@ print(json.dumps({"impl": impl, "frames": len(codes), "seconds": elapsed, "codes
 IMPLS = {
     "torch": "torch (eager)",
     "mlx-eager": "mlx, no mx.compile",
-    "mlx": "mlx, mx.compile",
+    "mlx-sync": "mlx, mx.compile, no async overlap",
+    "mlx": "mlx, mx.compile + async overlap",
     "mlx-q8": "mlx 8-bit, mx.compile",
     "mlx-q4": "mlx 4-bit, mx.compile",
 }
@@ -98,6 +107,7 @@ def main() -> None:
     p.add_argument("--preset", default="tiny", choices=["tiny", "csm-1b"])
     p.add_argument("--device", default="cpu", help="cpu (both), or cuda (torch) / gpu (mlx) alone")
     p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     a = p.parse_args()
 
@@ -109,9 +119,9 @@ def main() -> None:
     config = bench_config() if a.preset == "tiny" else PRESETS[a.preset]
     with tempfile.TemporaryDirectory() as tmp:
         d = write_random_checkpoint(Path(tmp) / "ckpt", config, fmt="csm", dtype=torch.float32)
-        results = [_run(impl, d, a.device, a.frames, PROMPT_TOKENS) for impl in a.impl]
+        results = [_run(impl, d, a.device, a.frames, PROMPT_TOKENS, a.dtype) for impl in a.impl]
     reference = results[0]["codes"]
-    print(f"| {a.preset} on {a.device}, {a.frames} greedy frames | frames/s | codes equal to {results[0]['impl']} |")
+    print(f"| {a.preset} on {a.device}, {a.dtype}, {a.frames} greedy frames | frames/s | codes equal to {results[0]['impl']} |")
     print("|---|---|---|")
     for r in results:
         same = "yes" if r["codes"] == reference else "no"

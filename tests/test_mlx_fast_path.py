@@ -57,15 +57,16 @@ def mlx_gen(request, tiny_model_dir):
 
 
 @pytest.mark.parametrize("params", SAMPLING, ids=["greedy", "top-k 50"])
-@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
-def test_fast_path_gives_the_reference_codes(mlx_gen, params, compile):
+@pytest.mark.parametrize("compile, overlap", [(True, True), (False, True), (True, False)],
+                         ids=["compiled", "eager", "no-overlap"])
+def test_fast_path_gives_the_reference_codes(mlx_gen, params, compile, overlap):
     from csm_mlx.generator import FrameGenerator
 
     prompt = mlx_gen.prompt(TEXT, SPEAKER)
     model = mlx_gen._backend.model
     expected = reference_codes(model, prompt.tokens, prompt.mask, FRAMES, params, seed=21)
     assert len(expected) == FRAMES and len(np.unique(expected)) > 8
-    ours = FrameGenerator(model, compile=compile).generate(prompt.tokens, prompt.mask, FRAMES, params, seed=21)
+    ours = FrameGenerator(model, compile=compile, overlap=overlap).generate(prompt.tokens, prompt.mask, FRAMES, params, seed=21)
     np.testing.assert_array_equal(ours, expected)
 
 
