@@ -32,7 +32,7 @@ MAC_GUIDE = """\
 On a Mac (Apple Silicon), from a clone of this repository, with uv (`pip install uv`):
 
     uv sync --extra dev
-    uv run python -m benchmarks --preset csm-1b --impl csm-mlx csm-mlx-eager --device gpu \\
+    uv run python -m benchmarks --preset csm-1b --impl csm-mlx csm-mlx-sync csm-mlx-eager --device gpu \\
         --dtype bfloat16 float16 --frames 64 --json mac.json
 
 It needs no download (random csm-1b-sized weights) and about 4 GB of free memory; a run takes a

@@ -35,6 +35,7 @@ class Impl:
     cuda_only: bool = False
     cpu_default: bool = True  # in the default set on CPUs too
     gpu_default: bool = True  # in the default set on GPUs
+    overlap: bool = True  # MLX: queue frame i+1 before reading frame i back (mx.async_eval)
 
 
 IMPLS = {i.name: i for i in (
@@ -53,6 +54,8 @@ IMPLS = {i.name: i for i in (
          compile="max-autotune", batched=True, cuda_only=True, gpu_default=False),
     Impl("csm-mlx", "mlx", "csm mlx, mx.compile", compile=True),
     Impl("csm-mlx-eager", "mlx", "csm mlx, no mx.compile"),
+    # what the async overlap buys: each frame evaluated before the next is built
+    Impl("csm-mlx-sync", "mlx", "csm mlx, mx.compile, no async overlap", compile=True, overlap=False, cpu_default=False),
 )}
 
 
@@ -99,7 +102,7 @@ def mlx_engine(impl: Impl, model, prompt: Frames) -> FrameLoopEngine:
 
     from csm_mlx.generator import FrameGenerator
 
-    return FrameLoopEngine(FrameGenerator(model, compile=impl.compile), prompt, mx.synchronize)
+    return FrameLoopEngine(FrameGenerator(model, compile=impl.compile, overlap=impl.overlap), prompt, mx.synchronize)
 
 
 # --- transformers' reference ------------------------------------------------------------------

@@ -10,7 +10,9 @@ One frame = 1 backbone step + 31 decoder steps + 32 samples (CSM_FACTS §3), as 
 
 Steps 2-3 have the same shapes every frame, so they are one `mx.compile`d function (sampling
 included); the backbone step is not compiled: its cache grows every frame, and a new shape
-would mean a new trace.
+would mean a new trace. Frame i+1 is queued (`mx.async_eval`) before frame i is read back for
+the end-of-speech check, so building one frame's graph overlaps computing the last.
+RoPE is mlx-lm's (`mx.fast.rope` with its frequency table computed once per layer).
 """
 
 from __future__ import annotations
@@ -100,13 +102,15 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32, quantize: int | N
 
 class FrameGenerator:
     """Runs the frame loop of one model; `compile` traces the per-frame decoder work once per
-    sampling setting."""
+    sampling setting; `overlap` queues each frame before the last one is read back (off: each
+    frame is evaluated before the next is built, for measuring what the overlap buys)."""
 
-    def __init__(self, model: Model, compile: bool = True):
+    def __init__(self, model: Model, compile: bool = True, overlap: bool = True):
         self.model = model
         self.config: CsmConfig = model.config
         self.max_seq_len = self.config.backbone.max_seq_len
         self.compile = compile
+        self.overlap = overlap
         self._frame_tails: dict[SamplingParams, Callable] = {}
 
     def frame_tail(self, h: mx.array, key: mx.array, params: SamplingParams) -> mx.array:
@@ -168,14 +172,35 @@ class FrameGenerator:
         m = self.model
         key = mx.random.key(seed if seed is not None else secrets.randbits(63))
         cache = m.backbone.make_cache()
-        x = m.embed_frames(mx.array(tokens)[None], mx.array(mask)[None])  # [1, T, D]
         audio_mask = mx.array([[[True] * self.config.audio_num_codebooks + [False]]])  # [1, 1, 33]
         zero_text = mx.zeros((1, 1), dtype=mx.int32)
-        for _ in range(max_frames):
+
+        def next_frame(x: mx.array) -> mx.array:
+            nonlocal key
             key, frame_key = mx.random.split(key)
-            codes = self.frame(x, cache, frame_key, params)  # [1, 32]
+            codes = self.frame(x, cache, frame_key, params)  # [1, 32], lazy
+            mx.async_eval(codes)
+            return codes
+
+        def after(codes: mx.array) -> mx.array:
+            return m.embed_frames(mx.concatenate([codes, zero_text], axis=1)[:, None], audio_mask)  # [1, 1, D]
+
+        # Frame i+1's graph depends only on frame i's lazy codes: it is built and queued before
+        # frame i is read back for the end-of-speech check, so building overlaps computing. Once
+        # an all-zero frame ends the loop, the one frame queued after it is dropped (the loop is
+        # causal: the frames before are the same as without it). Measured on MLX 0.32.4's Linux
+        # CPU build (tiny bench model, 16 frames, interleaved): 0.97-1.06x, i.e. noise, because
+        # there `async_eval` itself blocks until all but the last few ops are dispatched (a
+        # 400-op graph: it returned after 2.65 of 2.98 s); on Metal it returns once the work is
+        # committed, which is what mlx-lm's generate relies on. Re-measure on a Mac with
+        # `benchmarks/mlx_vs_torch.py --impl mlx-sync mlx`.
+        codes = next_frame(m.embed_frames(mx.array(tokens)[None], mx.array(mask)[None]))  # prompt [1, T, D]
+        for i in range(max_frames):
+            last = i + 1 == max_frames
+            queued = next_frame(after(codes)) if self.overlap and not last else None
             block = np.array(codes).astype(np.int64)
             if not block.any():  # end of speech: an all-zero frame, not kept
                 return
             yield block
-            x = m.embed_frames(mx.concatenate([codes, zero_text], axis=1)[:, None], audio_mask)  # [1, 1, D]
+            if not last:
+                codes = queued if self.overlap else next_frame(after(codes))
