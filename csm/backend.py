@@ -10,7 +10,31 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from csm.checkpoint import Checkpoint
+from csm.config import CsmConfig
 from csm.sampling import SamplingParams
+
+
+class FrameLoop(ABC):
+    """The face both backends' FrameGenerators show: `stream` is the frame loop (tensor code,
+    per backend); a whole clip is its blocks put together, written once here."""
+
+    config: CsmConfig
+
+    @abstractmethod
+    def stream(
+        self, tokens: np.ndarray, mask: np.ndarray, max_frames: int, params: SamplingParams,
+        seed: int | None = None, first_block: int = 1, check_every: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Prompt frames [T, 33] -> blocks of generated codes [n, 32], as soon as they are known."""
+
+    def generate(
+        self, tokens: np.ndarray, mask: np.ndarray, max_frames: int, params: SamplingParams,
+        seed: int | None = None, on_frame: Callable[[int], None] | None = None,
+        check_every: int | None = None,
+    ) -> np.ndarray:
+        """Prompt frames [T, 33] -> generated codes [F, 32] (F <= max_frames)."""
+        blocks = self.stream(tokens, mask, max_frames, params, seed, check_every=check_every)
+        return collect_blocks(blocks, self.config.audio_num_codebooks, on_frame)
 
 
 class Backend(ABC):
@@ -18,6 +42,7 @@ class Backend(ABC):
 
     name: str
     device: str
+    _frames: FrameLoop
 
     def __init__(self, ckpt: Checkpoint, mimi: str | None):
         self.config = ckpt.config

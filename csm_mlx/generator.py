@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from csm.backend import collect_blocks
+from csm.backend import FrameLoop
 from csm.checkpoint import Checkpoint, iter_tensors
 from csm.config import CsmConfig
 from csm.errors import CsmError
@@ -100,7 +100,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32, quantize: int | N
     return model.eval()
 
 
-class FrameGenerator:
+class FrameGenerator(FrameLoop):
     """Runs the frame loop of one model; `compile` traces the per-frame decoder work once per
     sampling setting; `overlap` queues each frame before the last one is read back (off: each
     frame is evaluated before the next is built, for measuring what the overlap buys)."""
@@ -140,19 +140,6 @@ class FrameGenerator:
         """One frame of codes [B, 32] after the new positions' embeddings x [B, T, D]."""
         h = self.model.backbone(x, cache)[:, -1]  # [B, D]
         return self._tail_for(params)(h, key)
-
-    def generate(
-        self,
-        tokens: np.ndarray,
-        mask: np.ndarray,
-        max_frames: int,
-        params: SamplingParams,
-        seed: int | None = None,
-        on_frame: Callable[[int], None] | None = None,
-    ) -> np.ndarray:
-        """Prompt frames [T, 33] -> generated codes [F, 32] (F <= max_frames)."""
-        return collect_blocks(self.stream(tokens, mask, max_frames, params, seed),
-                              self.config.audio_num_codebooks, on_frame)
 
     def stream(
         self,

@@ -11,7 +11,7 @@ Positions, caches and sampling stay on the device; the end-of-speech check is th
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ import torch
 from csm.checkpoint import Checkpoint, iter_tensors
 from csm.config import CsmConfig
 from csm.errors import CsmError
-from csm.backend import collect_blocks
+from csm.backend import FrameLoop
 from csm.prompt import check_fits
 from csm.sampling import SamplingParams
 from csm.weights import check_complete, to_csm
@@ -101,7 +101,7 @@ def compile_options(compile: bool | str) -> dict | None:
     raise CsmError(f"unknown compile mode {compile!r}; use one of {', '.join(COMPILE_MODES)} (or True/False)")
 
 
-class FrameGenerator:
+class FrameGenerator(FrameLoop):
     """Owns the static caches of one model for a batch size, and runs the frame loop.
 
     With `cuda_graph=True` (CUDA only) the prompt's backbone pass runs eagerly; the first frame's
@@ -211,20 +211,6 @@ class FrameGenerator:
             self._noise(params, generator, out=noise)
         graph.replay()
         return out
-
-    def generate(
-        self,
-        tokens: np.ndarray,
-        mask: np.ndarray,
-        max_frames: int,
-        params: SamplingParams,
-        seed: int | None = None,
-        on_frame: Callable[[int], None] | None = None,
-        check_every: int | None = None,
-    ) -> np.ndarray:
-        """Prompt frames [T, 33] -> generated codes [F, 32] (F <= max_frames)."""
-        return collect_blocks(self.stream(tokens, mask, max_frames, params, seed, check_every=check_every),
-                              self.config.audio_num_codebooks, on_frame)
 
     def stream(
         self,
