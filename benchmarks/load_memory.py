@@ -3,7 +3,8 @@
     python -m benchmarks.load_memory [--dir DIR] [--format official] [--dtype bfloat16]
 
 Writes a random csm-1b checkpoint (3.1 GB in bf16) unless --dir is given, then loads it in a
-fresh process with csm's torch loader and reports that process's peak resident memory, both
+fresh process as `csm.load` does (`TorchBackend`: the loader, then the fusion of q/k/v and
+gate/up weights, then the frame loop's static caches) and reports that process's peak resident memory, both
 whole and above the baseline of an interpreter that has imported torch.
 """
 
@@ -26,10 +27,10 @@ def high_water_mark():  # VmHWM: this process's peak RSS (ru_maxrss would includ
             return int(line.split()[1]) * 1024
 
 from csm.checkpoint import open_checkpoint
-from csm_torch.generator import load_model
+from csm_torch.backend import TorchBackend
 base = high_water_mark()
 t = time.perf_counter()
-model = load_model(open_checkpoint(sys.argv[1]), torch.device("cpu"), getattr(torch, sys.argv[2]))
+model = TorchBackend(open_checkpoint(sys.argv[1]), device="cpu", dtype=sys.argv[2]).model
 elapsed = time.perf_counter() - t
 peak_load = high_water_mark()
 # safetensors tensors may still be lazily mapped: read every weight once so the figure

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from csm.checkpoint import Checkpoint, iter_tensors
+from csm.checkpoint import Checkpoint, iter_tensors, return_freed_memory
 from csm.config import CsmConfig
 from csm.errors import CsmError
 from csm.backend import FrameLoop
@@ -64,7 +64,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> Mo
     with torch.device("meta"):
         model = Model(config)
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in iter_tensors(ckpt, "pt"):
+    for name, tensor in iter_tensors(ckpt, "pt", dtype):  # cast on the way in: no second copy
         converted = to_csm(name, tensor, ckpt.format, config)
         if converted is not None:
             ours, t = converted
@@ -73,6 +73,8 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> Mo
     check_complete({k: tuple(v.shape) for k, v in state.items()}, config, f"{ckpt.format} checkpoint {ckpt.root}")
     model.load_state_dict(state, strict=True, assign=True)
     init_buffers(model, device)
+    if device.type == "cpu":
+        return_freed_memory()  # the copies cast or converted on the way (see csm.checkpoint)
     return model.eval().requires_grad_(False)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from csm.checkpoint import return_freed_memory
 from csm.config import CsmConfig, TransformerConfig
 
 
@@ -231,11 +232,16 @@ class Model(nn.Module):
         return decoder_hidden @ self.audio_head[codebook - 1]
 
     def fuse_projections(self) -> "Model":
-        """Fuse q/k/v and gate/up weights of both stacks for inference (see `Attention.fuse`)."""
+        """Fuse q/k/v and gate/up weights of both stacks for inference (see `Attention.fuse`).
+        Layer by layer, each layer's separate weights freed before the next is fused: on the CPU
+        the peak stays one layer above the model."""
+        on_cpu = self.audio_head.device.type == "cpu"
         for stack in (self.backbone, self.decoder):
             for layer in stack.layers:
                 layer.self_attn.fuse()
                 layer.mlp.fuse()
+                if on_cpu:
+                    return_freed_memory()
         return self
 
     # --- training -------------------------------------------------------------------------------

@@ -301,3 +301,27 @@ def test_bare_weights_without_config_are_refused_unless_csm_1b(tiny_csm_dir, tmp
     shutil.copy(tiny_csm_dir / "model.safetensors", d / "model.safetensors")
     with pytest.raises(CsmError, match="no config.json"):
         open_checkpoint(d)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pt"])
+def test_paged_reader_copies_every_tensor_exactly_and_owns_it(tiny_csm_dir, tmp_path, monkeypatch, kind):
+    """A chunk far smaller than the tensors: every tensor goes over in row blocks under fresh
+    maps, and must still arrive bit-exact, cast on request, and not backed by the file."""
+    import csm.checkpoint as checkpoint
+
+    reference = load_file(tiny_csm_dir / "model.safetensors")
+    d = _copy_meta(tiny_csm_dir, tmp_path / kind)
+    if kind == "pt":
+        torch.save({"model": reference}, d / "ckpt.pt")
+    else:
+        shutil.copy(tiny_csm_dir / "model.safetensors", d / "model.safetensors")
+    chunk = max(t.nbytes for t in reference.values()) // 7  # the largest tensor in 8 blocks
+    monkeypatch.setattr(checkpoint, "READ_CHUNK_BYTES", chunk)
+    ckpt = open_checkpoint(d)
+    for dtype in (None, torch.bfloat16):
+        got = dict(checkpoint.iter_tensors(ckpt, "pt", dtype))
+        assert got.keys() == reference.keys()
+        for name, t in got.items():
+            expected = reference[name] if dtype is None else reference[name].to(dtype)
+            assert t.dtype == expected.dtype and torch.equal(t, expected), name
+            assert t.untyped_storage().nbytes() == t.nbytes  # its own memory, not a view of the map
