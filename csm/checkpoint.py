@@ -133,10 +133,11 @@ def _quantization_for(root: Path) -> dict | None:
     return d.get("quantization") if isinstance(d, dict) else None
 
 
-def iter_tensors(ckpt: Checkpoint, framework: str = "pt", dtype=None) -> Iterator[tuple[str, Any]]:
+def iter_tensors(ckpt: Checkpoint, framework: str = "pt", dtype=None, device=None) -> Iterator[tuple[str, Any]]:
     """(name, tensor) in the checkpoint's own naming. torch tensors own their memory (nothing
     keeps the file mapped, so a model can be fused or freed piecewise while loading) and come
-    cast to `dtype` on the way if one is given (floating-point tensors only)."""
+    cast to `dtype` (floating-point tensors only) and placed on `device` on the way, if given:
+    a GPU load copies from the map straight to the GPU."""
     for f in ckpt.files:
         if framework != "pt":  # the other frameworks' safetensors readers copy each tensor out
             with _mapped(f, framework) as get:
@@ -144,7 +145,7 @@ def iter_tensors(ckpt: Checkpoint, framework: str = "pt", dtype=None) -> Iterato
             continue
         with _PagedReader(f) as reader:
             for name, size in _tensor_bytes(f).items():
-                yield name, reader.read(name, size, dtype)
+                yield name, reader.read(name, size, dtype, device)
 
 
 # Both file kinds are read through a memory map, and every page read stays resident while the
@@ -169,7 +170,7 @@ class _PagedReader:
     def __exit__(self, *exc) -> None:
         self._close()
 
-    def read(self, name: str, size: int, dtype=None):
+    def read(self, name: str, size: int, dtype=None, device=None):
         """One tensor, copied (and cast) in blocks of rows: a large one (the text embeddings)
         never has all its pages mapped at once, and no uncast copy is ever whole."""
         import torch
@@ -177,7 +178,7 @@ class _PagedReader:
         try:
             view = self._view(name)
             cast = dtype if dtype is not None and view.is_floating_point() else view.dtype
-            out = torch.empty(view.shape, dtype=cast)
+            out = torch.empty(view.shape, dtype=cast, device=device)
             if view.dim() == 0 or size <= READ_CHUNK_BYTES:
                 out.copy_(view)
                 self._account(size)

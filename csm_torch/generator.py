@@ -64,7 +64,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> Mo
     with torch.device("meta"):
         model = Model(config)
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in iter_tensors(ckpt, "pt", dtype):  # cast on the way in: no second copy
+    for name, tensor in iter_tensors(ckpt, "pt", dtype, device):  # cast and placed on the way in: no second copy
         converted = to_csm(name, tensor, ckpt.format, config)
         if converted is not None:
             ours, t = converted
