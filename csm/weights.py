@@ -53,8 +53,8 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
     ],
     "transformers": [
         ("embed_text_tokens.weight", "text_embeddings.weight"),
-        # Two tied copies of the audio embeddings. save_pretrained keeps only the depth decoder's
-        # (the backbone's is tied to it), so that is the one written; either one loads.
+        # Two tied copies of the audio embeddings: save_pretrained keeps only the depth decoder's,
+        # which is the name written; either one loads. The other is written too (TIED_COPIES).
         ("depth_decoder.model.embed_tokens.weight", "audio_embeddings.weight"),
         ("backbone_model.embed_tokens.embed_audio_tokens.weight", "audio_embeddings.weight"),
         ("depth_decoder.model.inputs_embeds_projector.weight", "projection.weight"),
@@ -68,6 +68,16 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
         "audio_head", *[f"{s}.norm.weight" for s in _STACKS],
         *[f"{s}.layers.{{n}}.{x}" for s in _STACKS for x in _LAYER_SUFFIXES],
     )],
+}
+
+# csm tensors a format stores under more than one name. transformers ties the backbone's audio
+# embeddings to the depth decoder's, but releases before 5.21 (their CsmConfig forces
+# tie_word_embeddings=False) leave the backbone's copy randomly initialised when only one is in the file:
+# writing both makes a converted checkpoint load right in every release.
+TIED_COPIES: dict[str, dict[str, tuple[str, ...]]] = {
+    "official": {},
+    "transformers": {"audio_embeddings.weight": ("backbone_model.embed_tokens.embed_audio_tokens.weight",)},
+    "csm": {},
 }
 
 # Tensors a format may hold that are not model parameters: tied copies, caches, buffers.
@@ -216,8 +226,32 @@ def convert_state(
     cast: Callable[[Any], Any] = lambda t: t,
 ) -> Iterable[tuple[str, Any]]:
     """Stream (name, tensor) pairs from one format to another, one tensor at a time."""
+    for ours, tensor in csm_tensors(tensors, src, config):
+        out_name, out = from_csm(ours, tensor, dst, config)
+        out = cast(out)
+        yield out_name, out
+        for copy_name in TIED_COPIES[dst].get(ours, ()):
+            yield copy_name, out.clone()  # its own storage: safetensors refuses shared tensors
+
+
+def csm_tensors(tensors: Iterable[tuple[str, Any]], fmt: str, config: CsmConfig) -> Iterable[tuple[str, Any]]:
+    """A checkpoint's (name, tensor) pairs in csm naming and layout, each csm name once. A tied
+    copy (transformers' second audio-embedding table) must equal the first: CSM has one table,
+    and silently keeping either of two different ones would be a different model."""
+    tied: dict[str, tuple[str, Any]] = {}
     for name, tensor in tensors:
-        converted = to_csm(name, tensor, src, config)
-        if converted is not None:
-            out_name, out = from_csm(*converted, dst, config)
-            yield out_name, cast(out)
+        converted = to_csm(name, tensor, fmt, config)
+        if converted is None:
+            continue
+        ours, t = converted
+        if ours in tied:
+            first_name, first = tied[ours]
+            if tuple(first.shape) != tuple(t.shape) or not bool((first == t).all()):
+                raise CheckpointError(
+                    f"the checkpoint holds two different {ours!r} tables, {first_name!r} and {name!r}, where CSM "
+                    "has one; transformers releases before 5.21 untie them and save such files: keep the table "
+                    "that was trained and delete the other tensor from the file")
+            continue
+        if ours in TIED_COPIES[fmt]:
+            tied[ours] = (name, t)
+        yield ours, t

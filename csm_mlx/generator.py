@@ -29,7 +29,7 @@ from csm.config import CsmConfig
 from csm.errors import CsmError
 from csm.prompt import check_fits
 from csm.sampling import SamplingParams
-from csm.weights import check_complete, to_csm
+from csm.weights import check_complete, csm_tensors
 from csm_mlx.model import Model
 from csm_mlx.quantize import quantize_model, quantize_skeleton
 from csm_mlx.sampling import sample
@@ -87,11 +87,8 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32, quantize: int | N
             raise CsmError(f"the quantized weights of {ckpt.root} do not fit its config: {exc}") from None
     else:
         weights = []
-        for name, tensor in _mlx_tensors(ckpt):
-            converted = to_csm(name, tensor, ckpt.format, config)
-            if converted is not None:
-                ours, t = converted
-                weights.append((ours, t.astype(dtype) if mx.issubdtype(t.dtype, mx.floating) else t))
+        for ours, t in csm_tensors(_mlx_tensors(ckpt), ckpt.format, config):
+            weights.append((ours, t.astype(dtype) if mx.issubdtype(t.dtype, mx.floating) else t))
         check_complete({k: tuple(v.shape) for k, v in weights}, config, source)
         model.load_weights(weights, strict=True)
         if quantize is not None:

@@ -22,7 +22,7 @@ from csm.errors import CsmError
 from csm.backend import FrameLoop
 from csm.prompt import check_fits
 from csm.sampling import SamplingParams
-from csm.weights import check_complete, to_csm
+from csm.weights import check_complete, csm_tensors
 from csm_torch.model import Model, rope_table
 from csm_torch.sampling import draw_noise, sample
 
@@ -64,12 +64,10 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> Mo
     with torch.device("meta"):
         model = Model(config)
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in iter_tensors(ckpt, "pt", dtype, device):  # cast and placed on the way in: no second copy
-        converted = to_csm(name, tensor, ckpt.format, config)
-        if converted is not None:
-            ours, t = converted
-            state[ours] = t.to(device=device, dtype=dtype)
-            del t, tensor
+    tensors = iter_tensors(ckpt, "pt", dtype, device)  # cast and placed on the way in: no second copy
+    for ours, t in csm_tensors(tensors, ckpt.format, config):
+        state[ours] = t.to(device=device, dtype=dtype)
+        del t
     check_complete({k: tuple(v.shape) for k, v in state.items()}, config, f"{ckpt.format} checkpoint {ckpt.root}")
     model.load_state_dict(state, strict=True, assign=True)
     init_buffers(model, device)

@@ -325,3 +325,21 @@ def test_paged_reader_copies_every_tensor_exactly_and_owns_it(tiny_csm_dir, tmp_
             expected = reference[name] if dtype is None else reference[name].to(dtype)
             assert t.dtype == expected.dtype and torch.equal(t, expected), name
             assert t.untyped_storage().nbytes() == t.nbytes  # its own memory, not a view of the map
+
+
+def test_tied_audio_embedding_copies_must_agree(tiny_transformers_dir, tmp_path):
+    """transformers files may hold the audio embeddings twice (backbone and depth decoder). Equal
+    copies load as one; different ones (a release that unties them saved the file) are refused,
+    since CSM has one table and keeping either would silently be another model."""
+    src = tiny_transformers_dir[0]
+    state = load_file(src / "model.safetensors")
+    table = state["depth_decoder.model.embed_tokens.weight"]
+    expected = greedy_codes(src)
+    for name, copy, ok in (("equal", table.clone(), True), ("different", table + 1e-3, False)):
+        d = _copy_meta(src, tmp_path / name)
+        save_file(state | {"backbone_model.embed_tokens.embed_audio_tokens.weight": copy}, d / "model.safetensors")
+        if ok:
+            np.testing.assert_array_equal(greedy_codes(d), expected)
+        else:
+            with pytest.raises(CheckpointError, match="two different 'audio_embeddings.weight' tables"):
+                csm.load(d, device="cpu", dtype="float32")

@@ -70,6 +70,12 @@ def make_transformers_model(config: CsmConfig, seed: int = 0, codec_config: dict
         # zero logits sit far below the top of 2048 random ones, so they are never sampled.
         model.lm_head.weight[2048:] = 0
         model.depth_decoder.codebooks_head.weight[..., 2048:] = 0
+        # CSM has one audio-embedding table, which transformers ties between the backbone and the
+        # depth decoder, except in releases < 5.21 (they force tie_word_embeddings=False): share
+        # it by hand so the reference model is CSM in every release.
+        backbone_table = model.backbone_model.embed_tokens.embed_audio_tokens
+        if backbone_table.weight is not model.depth_decoder.model.embed_tokens.weight:
+            backbone_table.weight = model.depth_decoder.model.embed_tokens.weight
     return model
 
 
