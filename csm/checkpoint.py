@@ -2,8 +2,8 @@
 
 A model location is a directory (``config.json`` + ``model.safetensors``, sharded
 ``model-0000x-of-0000y.safetensors`` with their index, or ``ckpt.pt``) or a single weights file.
-Tensors are streamed so a loader never holds two copies of the weights. safetensors files are
-read for any framework (``"pt"``, ``"numpy"``, ``"mlx"``); ``ckpt.pt`` needs torch. A directory
+Tensors are streamed as torch tensors so a loader never holds two copies of the weights (MLX
+reads safetensors with its own ``mx.load``; ``ckpt.pt`` goes through torch). A directory
 quantized for MLX (``convert_weights.py --to mlx --quantize 4``) says so in its config.json.
 """
 
@@ -133,16 +133,12 @@ def _quantization_for(root: Path) -> dict | None:
     return d.get("quantization") if isinstance(d, dict) else None
 
 
-def iter_tensors(ckpt: Checkpoint, framework: str = "pt", dtype=None, device=None) -> Iterator[tuple[str, Any]]:
-    """(name, tensor) in the checkpoint's own naming. torch tensors own their memory (nothing
-    keeps the file mapped, so a model can be fused or freed piecewise while loading) and come
+def iter_tensors(ckpt: Checkpoint, dtype=None, device=None) -> Iterator[tuple[str, Any]]:
+    """(name, torch tensor) in the checkpoint's own naming. Each tensor owns its memory (nothing
+    keeps the file mapped, so a model can be fused or freed piecewise while loading) and comes
     cast to `dtype` (floating-point tensors only) and placed on `device` on the way, if given:
     a GPU load copies from the map straight to the GPU."""
     for f in ckpt.files:
-        if framework != "pt":  # the other frameworks' safetensors readers copy each tensor out
-            with _mapped(f, framework) as get:
-                yield from ((name, get(name)) for name in _tensor_bytes(f))
-            continue
         with _PagedReader(f) as reader:
             for name, size in _tensor_bytes(f).items():
                 yield name, reader.read(name, size, dtype, device)
@@ -196,7 +192,7 @@ class _PagedReader:
     def _view(self, name: str):
         if self._get is None:
             self._map = ExitStack()
-            self._get = self._map.enter_context(_mapped(self.path, "pt"))
+            self._get = self._map.enter_context(_mapped(self.path))
         return self._get(name)
 
     def _account(self, nbytes: int) -> None:
@@ -228,10 +224,10 @@ _malloc_trim = None
 
 
 @contextmanager
-def _mapped(path: Path, framework: str) -> Iterator[Callable[[str], Any]]:
-    """name -> tensor of one memory-mapped file; the map closes on exit."""
+def _mapped(path: Path) -> Iterator[Callable[[str], Any]]:
+    """name -> torch tensor, a view into one memory-mapped file; the map closes on exit."""
     if path.suffix == ".safetensors":
-        with _safe_open(path, framework) as sf:
+        with _safe_open(path, "pt") as sf:
             yield sf.get_tensor
     else:
         yield _read_ckpt_pt(path).__getitem__

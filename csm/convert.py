@@ -53,7 +53,7 @@ def _codec_tensors(ckpt: Checkpoint, cast) -> dict:
     """Mimi from a transformers checkpoint, still under transformers' names."""
     if ckpt.format != "transformers":
         return {}
-    return {name: cast(t) for name, t in iter_tensors(ckpt, "pt") if name.startswith(CODEC_PREFIX)}
+    return {name: cast(t) for name, t in iter_tensors(ckpt) if name.startswith(CODEC_PREFIX)}
 
 
 def _write_mlx(ckpt: Checkpoint, tmp: Path, dtype: str | None, quantize: int | None, group_size: int) -> None:
@@ -100,7 +100,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
         t = t if target is None or not t.is_floating_point() else t.to(target)
         return t.contiguous()
 
-    tensors = {} if to == "mlx" else dict(convert_state(iter_tensors(ckpt, "pt"), ckpt.format, to, ckpt.config, cast))
+    tensors = {} if to == "mlx" else dict(convert_state(iter_tensors(ckpt), ckpt.format, to, ckpt.config, cast))
     codec = _codec_tensors(ckpt, cast)
 
     dst.parent.mkdir(parents=True, exist_ok=True)

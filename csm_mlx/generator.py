@@ -26,7 +26,7 @@ import numpy as np
 from csm.backend import FrameLoop
 from csm.checkpoint import Checkpoint, iter_tensors
 from csm.config import CsmConfig
-from csm.errors import CsmError
+from csm.errors import CheckpointError, CsmError
 from csm.prompt import check_fits
 from csm.sampling import SamplingParams
 from csm.weights import check_complete, csm_tensors
@@ -62,12 +62,27 @@ def pick_dtype(dtype: str | None, device: mx.Device) -> mx.Dtype:
 
 
 def _mlx_tensors(ckpt: Checkpoint):
-    """(name, mx.array) in the checkpoint's own naming; ckpt.pt goes through torch once, at load."""
+    """(name, mx.array) in the checkpoint's own naming. safetensors through `mx.load`, which
+    reads bfloat16 (safetensors' own MLX reader goes through numpy, which has no bfloat16);
+    ckpt.pt goes through torch once, at load."""
     if ckpt.is_safetensors:
-        yield from iter_tensors(ckpt, "mlx")
+        for f in ckpt.files:
+            yield from _mx_load(f).items()
         return
-    for name, tensor in iter_tensors(ckpt, "pt"):
-        yield name, mx.array(tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy())
+    import torch
+
+    for name, tensor in iter_tensors(ckpt):
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: carry the bits, not a float32 copy
+            yield name, mx.array(tensor.view(torch.uint16).numpy()).view(mx.bfloat16)
+        else:
+            yield name, mx.array(tensor.numpy())
+
+
+def _mx_load(path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: {exc} (truncated or not a safetensors file?)") from None
 
 
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32, quantize: int | None = None, group_size: int = 64) -> Model:
@@ -80,7 +95,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32, quantize: int | N
         if quantize is not None:
             raise CsmError(f"{ckpt.root} is already quantized ({ckpt.quantization}); load it without --quantize")
         quantize_skeleton(model, ckpt.quantization)
-        weights = [(name, t) for f in ckpt.files for name, t in mx.load(str(f)).items()]
+        weights = [(name, t) for f in ckpt.files for name, t in _mx_load(f).items()]
         try:
             model.load_weights(weights, strict=True)
         except ValueError as exc:

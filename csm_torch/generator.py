@@ -64,7 +64,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> Mo
     with torch.device("meta"):
         model = Model(config)
     state: dict[str, torch.Tensor] = {}
-    tensors = iter_tensors(ckpt, "pt", dtype, device)  # cast and placed on the way in: no second copy
+    tensors = iter_tensors(ckpt, dtype, device)  # cast and placed on the way in: no second copy
     for ours, t in csm_tensors(tensors, ckpt.format, config):
         state[ours] = t.to(device=device, dtype=dtype)
         del t

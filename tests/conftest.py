@@ -44,7 +44,7 @@ def _convert_dir(src: Path, dst: Path, fmt: str) -> Path:
     from fakes.csm_models import write_json
 
     ckpt = open_checkpoint(src)
-    state = {name: t.contiguous().clone() for name, t in convert_state(iter_tensors(ckpt, "pt"), ckpt.format, fmt, ckpt.config)}
+    state = {name: t.contiguous().clone() for name, t in convert_state(iter_tensors(ckpt), ckpt.format, fmt, ckpt.config)}
     dst.mkdir(parents=True, exist_ok=True)
     save_file(state, str(dst / "model.safetensors"))
     write_json(dst / "config.json", ckpt.config.to_dict())

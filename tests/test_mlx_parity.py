@@ -173,3 +173,28 @@ def test_missing_mlx_says_how_to_install(tiny_model_dir, monkeypatch):
 
 def test_mlx_backend_reports_itself(mlx_gen):
     assert (mlx_gen.backend, mlx_gen.device) == ("mlx", "cpu")
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "ckpt.pt"])
+def test_bfloat16_checkpoints_load_bit_exact(tiny_csm_dir, tmp_path, kind):
+    """numpy has no bfloat16, so neither safetensors' MLX reader nor a float32 detour is used:
+    MLX gets the very bits torch does, from either file kind."""
+    from mlx.utils import tree_flatten
+    from safetensors.torch import load_file
+
+    from csm.checkpoint import open_checkpoint
+    from csm.convert import convert
+    from csm_mlx.generator import load_model as mlx_load_model
+    from csm_torch.generator import load_model as torch_load_model
+
+    d = convert(tiny_csm_dir, tmp_path / "bf16", to="csm", dtype="bfloat16")
+    if kind == "ckpt.pt":
+        torch.save(load_file(d / "model.safetensors"), d / "ckpt.pt")
+        (d / "model.safetensors").unlink()
+    ckpt = open_checkpoint(d)
+    ours = dict(torch_load_model(ckpt, torch.device("cpu"), torch.bfloat16).named_parameters())
+    theirs = dict(tree_flatten(mlx_load_model(ckpt, mx.bfloat16).parameters()))
+    assert theirs.keys() == ours.keys()
+    for name, t in ours.items():
+        assert theirs[name].dtype == mx.bfloat16
+        np.testing.assert_array_equal(np.array(theirs[name].view(mx.uint16)), t.view(torch.uint16).numpy(), err_msg=name)

@@ -319,7 +319,7 @@ def test_paged_reader_copies_every_tensor_exactly_and_owns_it(tiny_csm_dir, tmp_
     monkeypatch.setattr(checkpoint, "READ_CHUNK_BYTES", chunk)
     ckpt = open_checkpoint(d)
     for dtype in (None, torch.bfloat16):
-        got = dict(checkpoint.iter_tensors(ckpt, "pt", dtype))
+        got = dict(checkpoint.iter_tensors(ckpt, dtype))
         assert got.keys() == reference.keys()
         for name, t in got.items():
             expected = reference[name] if dtype is None else reference[name].to(dtype)
