@@ -10,6 +10,7 @@ quantized for MLX (``convert_weights.py --to mlx --quantize 4``) says so in its 
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -140,8 +141,8 @@ def iter_tensors(ckpt: Checkpoint, dtype=None, device=None) -> Iterator[tuple[st
     a GPU load copies from the map straight to the GPU."""
     for f in ckpt.files:
         with _PagedReader(f) as reader:
-            for name, size in _tensor_bytes(f).items():
-                yield name, reader.read(name, size, dtype, device)
+            for name in reader.names():
+                yield name, reader.read(name, dtype, device)
 
 
 # Both file kinds are read through a memory map, and every page read stays resident while the
@@ -157,6 +158,7 @@ class _PagedReader:
     def __init__(self, path: Path):
         self.path = path
         self._map: ExitStack | None = None
+        self._names: list[str] = []
         self._get: Callable[[str], Any] | None = None
         self._read = 0
 
@@ -166,33 +168,41 @@ class _PagedReader:
     def __exit__(self, *exc) -> None:
         self._close()
 
-    def read(self, name: str, size: int, dtype=None, device=None):
+    def names(self) -> list[str]:
+        self._open()
+        return self._names
+
+    def read(self, name: str, dtype=None, device=None):
         """One tensor, copied (and cast) in blocks of rows: a large one (the text embeddings)
         never has all its pages mapped at once, and no uncast copy is ever whole."""
         import torch
 
         try:
-            view = self._view(name)
+            view = self._view(name)  # a view reads no pages: its shape, dtype and size are free
             cast = dtype if dtype is not None and view.is_floating_point() else view.dtype
             out = torch.empty(view.shape, dtype=cast, device=device)
-            if view.dim() == 0 or size <= READ_CHUNK_BYTES:
+            if view.dim() == 0:
                 out.copy_(view)
-                self._account(size)
+                self._account(view.nbytes)
                 return out
-            rows = max(1, view.shape[0] * READ_CHUNK_BYTES // size)
-            for start in range(0, view.shape[0], rows):
+            size, n = view.nbytes, view.shape[0]
+            rows = n if size <= READ_CHUNK_BYTES else max(1, n * READ_CHUNK_BYTES // size)
+            for start in range(0, n, rows):
                 out[start:start + rows].copy_(self._view(name)[start:start + rows])
-                self._account(size * min(rows, view.shape[0] - start) // view.shape[0])
+                self._account(size * min(rows, n - start) // n)
             return out
+        except CheckpointError:
+            raise
         except Exception as exc:  # a file cut short fails when the missing pages are read
-            if isinstance(exc, CheckpointError):
-                raise
             raise CheckpointError(f"cannot read tensor {name!r} from {self.path}: {exc} (truncated file?)") from None
 
-    def _view(self, name: str):
+    def _open(self) -> None:
         if self._get is None:
             self._map = ExitStack()
-            self._get = self._map.enter_context(_mapped(self.path))
+            self._names, self._get = self._map.enter_context(_mapped(self.path))
+
+    def _view(self, name: str):
+        self._open()
         return self._get(name)
 
     def _account(self, nbytes: int) -> None:
@@ -210,37 +220,25 @@ def return_freed_memory() -> None:
     """Hand memory freed on the heap back to the OS (glibc's malloc_trim; a no-op elsewhere).
     Loading and fusing free many weight-sized blocks whose holes glibc keeps; without this a
     CPU load of csm-1b ends ~0.2 GB above the weights and the next fused weight lands on top."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    if trim := _malloc_trim():
+        trim(0)
 
 
-_malloc_trim = None
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 @contextmanager
-def _mapped(path: Path) -> Iterator[Callable[[str], Any]]:
-    """name -> torch tensor, a view into one memory-mapped file; the map closes on exit."""
+def _mapped(path: Path) -> Iterator[tuple[list[str], Callable[[str], Any]]]:
+    """(names in file order, name -> torch tensor viewing one memory-mapped file); the map
+    closes on exit."""
     if path.suffix == ".safetensors":
         with _safe_open(path, "pt") as sf:
-            yield sf.get_tensor
+            yield list(sf.keys()), sf.get_tensor
     else:
-        yield _read_ckpt_pt(path).__getitem__
-
-
-def _tensor_bytes(path: Path) -> dict[str, int]:
-    """Each tensor's size in bytes, in file order, without reading any data."""
-    if path.suffix == ".safetensors":
-        try:
-            with open(path, "rb") as fh:  # 8-byte little-endian header length, then the JSON header
-                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-            header.pop("__metadata__", None)
-            return {name: info["data_offsets"][1] - info["data_offsets"][0] for name, info in header.items()}
-        except (ValueError, KeyError, TypeError, MemoryError, OverflowError) as exc:
-            raise CheckpointError(f"cannot read {path}: bad safetensors header ({exc})") from None
-    return {name: t.nbytes for name, t in _read_ckpt_pt(path).items()}
+        state = _read_ckpt_pt(path)
+        yield list(state), state.__getitem__

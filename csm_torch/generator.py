@@ -67,7 +67,6 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> Mo
     tensors = iter_tensors(ckpt, dtype, device)  # cast and placed on the way in: no second copy
     for ours, t in csm_tensors(tensors, ckpt.format, config):
         state[ours] = t.to(device=device, dtype=dtype)
-        del t
     check_complete({k: tuple(v.shape) for k, v in state.items()}, config, f"{ckpt.format} checkpoint {ckpt.root}")
     model.load_state_dict(state, strict=True, assign=True)
     init_buffers(model, device)
