@@ -4,11 +4,12 @@
     audio = gen.generate("Hello there.", speaker=0, context=[csm.Segment(1, "Hi!", audio)])
 
 The Generator owns everything that is the same on every backend (tokenizer, prompt frames,
-sampling parameters, watermark); the backend owns frames -> codes and codes <-> audio.
+watermark) and runs every generation through `csm.engine`; the backend owns the tensor work.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -19,9 +20,10 @@ from csm.backends import create_backend, select_backend
 from csm.checkpoint import open_checkpoint
 from csm.errors import CsmError
 from csm.hub import DEFAULT_MODEL, resolve_model
-from csm.prompt import Segment, build_prompt
-from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOPK, SamplingParams, max_frames
-from csm.streaming import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES, plan_chunks, regroup
+from csm.engine import Engine
+from csm.prompt import Frames, Segment, build_prompt
+from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOPK, Sampling
+from csm.streaming import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES
 from csm.text import load_tokenizer
 
 
@@ -37,6 +39,8 @@ class Generator:
         self.config = backend.config
         self._watermark_model = watermark_model
         self._watermarker = None  # silentcipher loads on first use
+        self._engines: dict[int, Engine] = {}
+        self._engines_lock = threading.Lock()
 
     @property
     def backend(self) -> str:
@@ -50,16 +54,34 @@ class Generator:
     def sample_rate(self) -> int:
         return MODEL_SAMPLE_RATE
 
+    # --- engines ------------------------------------------------------------------------------
+    def engine(self, max_batch_size: int = 8, max_queue: int = 64) -> Engine:
+        """A continuous-batching engine over this model: a background loop over one running batch
+        of `max_batch_size` streams that requests join and leave at any time (`csm.engine`)."""
+        return Engine(self, max_batch_size=max_batch_size, max_queue=max_queue)
+
+    def _engine_for(self, batch_size: int) -> Engine:
+        """The engine `generate`, `generate_batch` and `stream` run on: no thread (the caller's
+        waiting runs the loop); kept for the next call of the same size."""
+        with self._engines_lock:
+            engine = self._engines.get(batch_size)
+            if engine is None:
+                if batch_size != 1:
+                    self._engines = {k: v for k, v in self._engines.items() if k == 1}  # one batch's caches at a time
+                engine = self._engines[batch_size] = Engine(self, batch_size, max_queue=max(64, batch_size),
+                                                            background=False)
+        return engine
+
     # --- codes --------------------------------------------------------------------------------
-    def prompt(self, text: str, speaker: int = 0, context: Iterable[Segment] = ()):
+    def prompt(self, text: str, speaker: int = 0, context: Iterable[Segment] = ()) -> Frames:
         """The prompt frames for a turn (context audio is encoded with Mimi)."""
         context = list(context)
         for seg in context:
             if not isinstance(seg, Segment):
                 raise CsmError(f"context items must be csm.Segment, got {type(seg).__name__}")
-        encoded = [(seg, None if seg.audio is None else self._backend.encode_audio(seg.audio)) for seg in context]
-        if not isinstance(speaker, (int, np.integer)) or speaker < 0:
+        if not isinstance(speaker, (int, np.integer)) or isinstance(speaker, bool) or speaker < 0:
             raise CsmError(f"speaker must be a non-negative integer, got {speaker!r}")
+        encoded = [(seg, None if seg.audio is None else self._backend.encode_audio(seg.audio)) for seg in context]
         return build_prompt(self.tokenizer, text, speaker, encoded, self.config.audio_num_codebooks)
 
     def generate_codes(
@@ -70,14 +92,14 @@ class Generator:
         max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
         temperature: float = DEFAULT_TEMPERATURE,
         topk: int = DEFAULT_TOPK,
+        top_p: float = DEFAULT_TOP_P,
         seed: int | None = None,
         on_frame: Callable[[int], None] | None = None,
     ) -> np.ndarray:
-        """Mimi codes [frames, 32] (int64) of the spoken turn. `on_frame(n)` is called after each frame."""
-        params = SamplingParams(temperature=temperature, topk=topk)
-        frames = max_frames(max_audio_length_ms)
-        prompt = self.prompt(text, speaker, context)
-        return self._backend.generate_codes(prompt.tokens, prompt.mask, frames, params, seed, on_frame)
+        """Mimi codes [frames, 32] (int64) of the spoken turn. `on_frame(n)` is called as frames come."""
+        sampling = Sampling(temperature, topk, top_p, max_audio_length_ms, seed)
+        request = self._engine_for(1).submit_prompt(self.prompt(text, speaker, context), sampling)
+        return request.collect(on_frame)
 
     def generate_codes_batch(
         self,
@@ -87,21 +109,25 @@ class Generator:
         max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
         temperature: float = DEFAULT_TEMPERATURE,
         topk: int = DEFAULT_TOPK,
+        top_p: float = DEFAULT_TOP_P,
         seed: int | None = None,
     ) -> list[np.ndarray]:
-        """Codes [frames_i, 32] for several turns generated together (one batch on the torch
-        backend; each turn stops on its own). `speakers` is one id for all or one per text;
-        `contexts` one conversation per text."""
+        """Codes [frames_i, 32] for several turns generated together in one batch, each stopping on
+        its own. `speakers` is one id for all or one per text; `contexts` one conversation per
+        text. Turn i is seeded with `seed + i`, so it gets the codes `generate_codes` gives alone
+        with that seed."""
         texts = list(texts)
         speakers = [speakers] * len(texts) if isinstance(speakers, (int, np.integer)) else list(speakers)
         contexts = [()] * len(texts) if contexts is None else list(contexts)
         if not texts or len(speakers) != len(texts) or len(contexts) != len(texts):
             raise CsmError(f"give one speaker and one context per text: {len(texts)} texts, "
                            f"{len(speakers)} speakers, {len(contexts)} contexts")
-        params = SamplingParams(temperature=temperature, topk=topk)
+        sampling = Sampling(temperature, topk, top_p, max_audio_length_ms, seed)
         prompts = [self.prompt(t, s, c) for t, s, c in zip(texts, speakers, contexts)]
-        return self._backend.generate_codes_batch([(p.tokens, p.mask) for p in prompts],
-                                                  max_frames(max_audio_length_ms), params, seed)
+        engine = self._engine_for(len(prompts))
+        requests = [engine.submit_prompt(p, sampling.with_seed(None if seed is None else seed + i))
+                    for i, p in enumerate(prompts)]
+        return [r.codes for r in requests]
 
     def generate_batch(
         self,
@@ -111,13 +137,16 @@ class Generator:
         max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
         temperature: float = DEFAULT_TEMPERATURE,
         topk: int = DEFAULT_TOPK,
+        top_p: float = DEFAULT_TOP_P,
         seed: int | None = None,
         watermark: bool = True,
         watermark_key: Sequence[int] | None = None,
     ) -> list[np.ndarray]:
         """`generate` for several turns at once (see `generate_codes_batch`): one clip per text."""
-        all_codes = self.generate_codes_batch(texts, speakers, contexts, max_audio_length_ms, temperature, topk, seed)
-        return [self._finish(codes, watermark, watermark_key) for codes in all_codes]
+        key = self.prepare_audio(watermark, watermark_key)
+        all_codes = self.generate_codes_batch(texts, speakers, contexts, max_audio_length_ms, temperature, topk,
+                                              top_p, seed)
+        return [self._finish(codes, key) for codes in all_codes]
 
     # --- audio --------------------------------------------------------------------------------
     def check_codes(self, codes: np.ndarray, first_frame: int = 0) -> np.ndarray:
@@ -143,11 +172,24 @@ class Generator:
             return np.zeros(0, dtype=np.float32)
         return self._backend.decode_audio(codes)
 
+    def prepare_audio(self, watermark: bool = True, watermark_key: Sequence[int] | None = None) -> tuple[int, ...] | None:
+        """Load what audio output needs (Mimi, and silentcipher when watermarking) so a missing
+        piece fails before the first frame, not after the last; returns the watermark key to use."""
+        key = None
+        if watermark:
+            from csm.watermark import PUBLIC_KEY, validate_key
+
+            key = validate_key(watermark_key or PUBLIC_KEY)
+            self._loaded_watermarker()
+        self._backend.codec
+        return key
+
     def _loaded_watermarker(self):
         from csm.watermark import Watermarker
 
-        if self._watermarker is None:
-            self._watermarker = Watermarker.load(self._watermark_model)
+        with self._engines_lock:
+            if self._watermarker is None:
+                self._watermarker = Watermarker.load(self._watermark_model)
         return self._watermarker
 
     def watermark(self, audio: np.ndarray, key: Sequence[int] | None = None) -> np.ndarray:
@@ -155,6 +197,11 @@ class Generator:
         from csm.watermark import PUBLIC_KEY
 
         return self._loaded_watermarker().embed(audio, self.sample_rate, tuple(key or PUBLIC_KEY))
+
+    @property
+    def codec(self):
+        """The Mimi codec (loaded on first use)."""
+        return self._backend.codec
 
     def generate(
         self,
@@ -164,19 +211,21 @@ class Generator:
         max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
         temperature: float = DEFAULT_TEMPERATURE,
         topk: int = DEFAULT_TOPK,
+        top_p: float = DEFAULT_TOP_P,
         seed: int | None = None,
         watermark: bool = True,
         watermark_key: Sequence[int] | None = None,
         on_frame: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Generate, decode and watermark: float32 mono audio at 24 kHz."""
-        codes = self.generate_codes(text, speaker, context, max_audio_length_ms, temperature, topk, seed, on_frame)
-        return self._finish(codes, watermark, watermark_key)
+        key = self.prepare_audio(watermark, watermark_key)
+        codes = self.generate_codes(text, speaker, context, max_audio_length_ms, temperature, topk, top_p, seed, on_frame)
+        return self._finish(codes, key)
 
-    def _finish(self, codes: np.ndarray, watermark: bool, watermark_key: Sequence[int] | None) -> np.ndarray:
-        """Codes -> the clip a user gets: decoded, and watermarked unless asked not to be."""
+    def _finish(self, codes: np.ndarray, watermark_key: tuple[int, ...] | None) -> np.ndarray:
+        """Codes -> the clip a user gets: decoded, and watermarked with `watermark_key` if given."""
         audio = self.decode(codes)
-        if watermark and len(audio):
+        if watermark_key is not None and len(audio):
             audio = self.watermark(audio, watermark_key)
         return audio
 
@@ -188,6 +237,7 @@ class Generator:
         max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
         temperature: float = DEFAULT_TEMPERATURE,
         topk: int = DEFAULT_TOPK,
+        top_p: float = DEFAULT_TOP_P,
         seed: int | None = None,
         first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES,
         chunk_frames: int = DEFAULT_CHUNK_FRAMES,
@@ -205,27 +255,9 @@ class Generator:
         the first chunk comes after 1.04 s of speech instead of `first_chunk_frames`
         (see `csm.streaming`). Bad arguments raise here; the generation runs as you iterate.
         """
-        from csm.watermark import PUBLIC_KEY, validate_key
-
-        plan = plan_chunks(first_chunk_frames, chunk_frames, watermark)
-        params = SamplingParams(temperature=temperature, topk=topk)
-        frames = max_frames(max_audio_length_ms)
-        if watermark:
-            key = validate_key(watermark_key or PUBLIC_KEY)
-            self._loaded_watermarker()  # missing weights fail now, not after the first chunk
-        self._backend.codec  # loads Mimi now: its errors raise here, its load time is not time to first audio
-        prompt = self.prompt(text, speaker, context)
-        blocks = self._backend.stream_codes(prompt.tokens, prompt.mask, frames, params, seed,
-                                            first_block=plan.first, check_every=plan.every)
-        return self._stream_audio(regroup(blocks, plan), key if watermark else None)
-
-    def _stream_audio(self, chunks: Iterable[np.ndarray], watermark_key: tuple[int, ...] | None) -> Iterator[np.ndarray]:
-        done = 0
-        with self._backend.codec.streaming_decoder() as decoder:
-            for codes in chunks:
-                audio = decoder.decode(self.check_codes(codes, first_frame=done))
-                done += len(codes)
-                yield audio if watermark_key is None else self._loaded_watermarker().embed(audio, self.sample_rate, watermark_key)
+        request = self._engine_for(1).submit(text, speaker, context, max_audio_length_ms, temperature, topk, top_p,
+                                             seed, first_chunk_frames, chunk_frames, watermark, watermark_key)
+        return iter(request)
 
 
 def load(

@@ -1,20 +1,112 @@
-"""Backend selection: `backend="auto"` and friendly errors for backends that are not there.
+"""Backends: the protocol each one implements, the registry, and `backend="auto"`.
+
+A backend owns tensor work only (the policy around it is `csm.engine`'s, written once):
+- a `FrameLoop` over one running batch of `max_batch_size` slots: `start` prefills one stream's
+  prompt into a free slot and returns its first frame, `advance(n)` runs every slot n frames and
+  returns their codes with one host sync, `drop` frees a slot;
+- Mimi: codes <-> audio (`codec`, loaded on first use: text-only code generation never needs it).
 
 auto = $CSM_BACKEND if set; else MLX on Apple Silicon when MLX is installed (the Apple GPU);
-else PyTorch, which picks CUDA when there is one and the CPU otherwise.
+else PyTorch, which picks CUDA when there is one and the CPU otherwise. Importing this module
+imports neither torch nor MLX: a backend's package is imported when it is created.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import os
 import platform
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
 
+import numpy as np
+
+from csm.config import CsmConfig
 from csm.errors import CsmError
+from csm.sampling import Sampling
 
-BACKENDS = ("torch", "mlx")
 BACKEND_ENV = "CSM_BACKEND"
-INSTALL = {"torch": "pip install torch", "mlx": "pip install 'csm[mlx]'"}
+# name -> (module, class, what to install when it is missing)
+REGISTRY = {
+    "torch": ("csm_torch.backend", "TorchBackend", "pip install torch"),
+    "mlx": ("csm_mlx.backend", "MlxBackend", "pip install 'csm[mlx]'"),
+}
+BACKENDS = tuple(REGISTRY)
+
+
+class FrameLoop(ABC):
+    """One model's running batch: `max_batch_size` slots, each holding one stream's caches, its
+    sampling settings and its random generator. Rows of free slots may be computed (batch shapes
+    are fixed per bucket) but their codes mean nothing."""
+
+    max_batch_size: int
+    block_frames: int  # frames per `advance` between host syncs, when nothing asks for fewer
+
+    @abstractmethod
+    def start(self, slot: int, tokens: np.ndarray, mask: np.ndarray, sampling: Sampling, seed: int) -> np.ndarray:
+        """Prefill prompt frames [T, 33] into free `slot`, seed its generator with `seed`, and return
+        its first frame's codes [32] (int64): the stream then advances with the others."""
+
+    @abstractmethod
+    def advance(self, n: int) -> np.ndarray:
+        """Run every slot n frames on from its last one: codes [max_batch_size, n, 32] (int64)."""
+
+    @abstractmethod
+    def drop(self, slot: int) -> None:
+        """Free `slot` (its caches are overwritten by the next stream started there)."""
+
+
+class Backend(ABC):
+    """Subclasses set `name`, `device` and `dtype`, and implement `frame_loop` and `_load_codec`."""
+
+    name: str
+    device: str
+    # True where the framework must not run device work from two threads at once (MLX): the
+    # engine's loop and the streams' Mimi decoders then take turns under `lock`.
+    serialized: bool = False
+
+    def __init__(self, config: CsmConfig, model_dir: Path, mimi: str | None):
+        self.config = config
+        self.model_dir = model_dir
+        self._mimi_source = mimi
+        self._codec = None
+        self._codec_lock = threading.Lock()
+        self._lock = threading.RLock()
+
+    @abstractmethod
+    def frame_loop(self, max_batch_size: int) -> FrameLoop:
+        """A new running batch of `max_batch_size` slots over this backend's model."""
+
+    @abstractmethod
+    def _load_codec(self):
+        """This backend's Mimi codec (`csm.mimi_codec.MimiCodecBase`)."""
+
+    @property
+    def codec(self):
+        """Mimi, loaded on first use (once, whichever thread asks first)."""
+        with self._codec_lock:
+            if self._codec is None:
+                self._codec = self._load_codec()
+        return self._codec
+
+    @property
+    def codec_loaded(self) -> bool:
+        return self._codec is not None
+
+    def lock(self):
+        """The context to run device work in: the backend's lock where it is `serialized`."""
+        return self._lock if self.serialized else contextlib.nullcontext()
+
+    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+        with self.lock():
+            return self.codec.encode(audio)
+
+    def decode_audio(self, codes: np.ndarray) -> np.ndarray:
+        with self.lock():
+            return self.codec.decode(codes)
 
 
 def is_apple_silicon() -> bool:
@@ -31,12 +123,13 @@ def select_backend(backend: str | None) -> str:
         choice = os.environ.get(BACKEND_ENV, "").lower() or "auto"
     if choice == "auto":
         return "mlx" if is_apple_silicon() and mlx_installed() else "torch"
-    if choice not in BACKENDS:
+    if choice not in REGISTRY:
         raise CsmError(f"unknown backend {choice!r}; available: {', '.join(BACKENDS)} (or auto)")
     return choice
 
 
-def create_backend(name: str, ckpt, device, dtype, mimi, quantize: int | None = None, compile: bool | str | None = None):
+def create_backend(name: str, ckpt, device, dtype, mimi, quantize: int | None = None,
+                   compile: bool | str | None = None) -> Backend:
     """`compile` None keeps each backend's default: torch eager (graphed on CUDA), MLX mx.compile'd."""
     if name == "torch":
         if ckpt.quantization is not None:
@@ -44,18 +137,17 @@ def create_backend(name: str, ckpt, device, dtype, mimi, quantize: int | None = 
                            "(csm-generate-mlx), or convert the float checkpoint for PyTorch")
         if quantize is not None:
             raise CsmError("on-the-fly quantization is an MLX feature; use backend 'mlx' (csm-generate-mlx --quantize)")
-        try:
-            from csm_torch.backend import TorchBackend
-        except ImportError as exc:
-            raise CsmError(f"the torch backend needs PyTorch ({exc}); install it with `{INSTALL['torch']}`") from None
-        return TorchBackend(ckpt, device=device, dtype=dtype, mimi=mimi, compile=bool(compile) and compile)
-    if name == "mlx":
-        try:
-            from csm_mlx.backend import MlxBackend
-        except ImportError as exc:
-            raise CsmError(f"the mlx backend needs MLX, mlx-lm and moshi_mlx ({exc}); "
-                           f"install them with `{INSTALL['mlx']}`") from None
+        options = dict(compile=bool(compile) and compile)
+    elif name == "mlx":
         if compile not in (None, True, False, "default"):
             raise CsmError(f"compile mode {compile!r} is a torch option; MLX takes compile=True or False")
-        return MlxBackend(ckpt, device=device, dtype=dtype, mimi=mimi, quantize=quantize, compile=compile is not False)
-    raise CsmError(f"unknown backend {name!r}")
+        options = dict(quantize=quantize, compile=compile is not False)
+    else:
+        raise CsmError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    module, cls, install = REGISTRY[name]
+    try:
+        backend_class = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise CsmError(f"the {name} backend needs packages that are not installed ({exc}); "
+                       f"install them with `{install}`") from None
+    return backend_class(ckpt, device=device, dtype=dtype, mimi=mimi, **options)

@@ -1,33 +1,46 @@
-"""The MLX backend behind `csm.load`: frames in, codes out; codes <-> audio through Mimi.
+"""The MLX backend behind `csm.load`: the model, its frame loops, and Mimi through moshi_mlx.
 No PyTorch anywhere on this path (only a `ckpt.pt` checkpoint is read with torch, once, at load)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import mlx.core as mx
 
-from csm.backend import Backend
+from csm.backends import Backend
 from csm.checkpoint import Checkpoint
-from csm_mlx.generator import FrameGenerator, load_model, pick_device, pick_dtype
+from csm_mlx.frame_loop import MlxFrameLoop
+from csm_mlx.loading import load_checkpoint, pick_device, pick_dtype
 
 
 class MlxBackend(Backend):
     name = "mlx"
+    serialized = True  # the engine's loop and the streams' Mimi decoders take turns on the device
 
     def __init__(self, ckpt: Checkpoint, device: str | None = None, dtype: str | None = None, mimi: str | None = None,
                  quantize: int | None = None, group_size: int = 64, compile: bool = True):
-        super().__init__(ckpt, mimi)
+        super().__init__(ckpt.config, ckpt.root, mimi)
         self.mlx_device = pick_device(device)
         # MLX places work on its default device; a process runs one MLX model, so set it once
         mx.set_default_device(self.mlx_device)
         self.device = "gpu" if self.mlx_device == mx.gpu else "cpu"
         self.dtype = pick_dtype(dtype, self.mlx_device)
-        self.model = load_model(ckpt, self.dtype, quantize=quantize, group_size=group_size)
-        self._frames = FrameGenerator(self.model, compile=compile)
+        self.model = load_checkpoint(ckpt, self.dtype, quantize=quantize, group_size=group_size)
+        self.compile = compile
+
+    @contextlib.contextmanager
+    def lock(self):
+        """One thread at a time on the device, on this backend's device whichever thread it is."""
+        with self._lock, mx.stream(self.mlx_device):
+            yield
+
+    def frame_loop(self, max_batch_size: int) -> MlxFrameLoop:
+        return MlxFrameLoop(self.model, max_batch_size, compile=self.compile)
 
     def _load_codec(self):
         from csm_mlx.mimi import load_mimi
 
-        return load_mimi(model_dir=self._model_dir, mimi=self._mimi_source)
+        return load_mimi(model_dir=self.model_dir, mimi=self._mimi_source)
 
     def synchronize(self) -> None:
         mx.synchronize()

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from csm.errors import CheckpointError
 from csm.mimi_files import FRAME_SIZE, KYUTAI_FILE, NUM_CODEBOOKS, read_codec_config, read_codec_state, resolve_mimi_weights
-from csm.mimi_codec import MimiCodecBase, StreamingDecoder
+from csm.mimi_codec import MimiCodecBase, StreamingDecoder, share_weights_copy
 from csm.mimi_names import transformers_to_original
 
 
@@ -55,6 +56,7 @@ class MimiCodec(MimiCodecBase):
     causal attention exactly."""
 
     def __init__(self, model):
+        super().__init__()
         self.model = model
 
     def _encode(self, audio: np.ndarray) -> np.ndarray:
@@ -76,8 +78,11 @@ class MimiCodec(MimiCodecBase):
         m.decoder.reset_state()
         return _mono(m.decoder(latents))
 
-    def _open_stream(self) -> "MimiStreamingDecoder":
-        return MimiStreamingDecoder(self)
+    def _replicate(self) -> "MimiCodec":
+        return MimiCodec(share_weights_copy(self.model, [a for _, a in tree_flatten(self.model.parameters())]))
+
+    def _open_stream(self, home: "MimiCodec") -> "MimiStreamingDecoder":
+        return MimiStreamingDecoder(self, home)
 
 
 class MimiStreamingDecoder(StreamingDecoder):
@@ -86,8 +91,8 @@ class MimiStreamingDecoder(StreamingDecoder):
     convolutions' overlapping tails until the next block completes them), the transformer keeps
     its KV cache."""
 
-    def __init__(self, codec: MimiCodec):
-        super().__init__(codec)
+    def __init__(self, codec: MimiCodec, home: MimiCodec):
+        super().__init__(codec, home)
         self._reset_decoder()
 
     def _decode_block(self, codes: np.ndarray) -> np.ndarray:

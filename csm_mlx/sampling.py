@@ -1,20 +1,50 @@
-"""Top-k / temperature sampling in MLX (semantics in `csm.sampling`)."""
+"""Temperature / top-k / top-p sampling in MLX, one setting per batch row (semantics, and why
+the noise is drawn per vocabulary entry, in `csm.sampling`; the same steps as
+`csm_torch.sampling`). MLX has no sorted top-k, so the whole vocabulary is sorted."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from csm.sampling import SamplingParams
+
+def filter_sorted(values: mx.array, topk: mx.array, top_p: mx.array) -> mx.array:
+    """Scaled logits sorted in descending order [B, K] -> the same with -inf where top-k [B] or
+    top-p [B] drops a code (top-p as transformers' TopPLogitsWarper: in ascending order, drop
+    what the cumulative probability keeps <= 1 - p, never the most probable code)."""
+    rank = mx.arange(values.shape[-1])
+    values = mx.where(rank[None] >= topk[:, None], -mx.inf, values)
+    ascending = values[:, ::-1]
+    cumulative = mx.cumsum(mx.softmax(ascending, axis=-1), axis=-1)
+    drop = (cumulative <= (1 - top_p)[:, None]) & (rank[None] < values.shape[-1] - 1)
+    return mx.where(drop, -mx.inf, ascending)[:, ::-1]
 
 
-def sample(logits: mx.array, params: SamplingParams, key: mx.array | None = None) -> mx.array:
-    """logits [B, V] -> codes [B] (int32)."""
-    if params.greedy:
+def _sorted_probs(logits: mx.array, temperature: mx.array, topk: mx.array, top_p: mx.array):
+    scaled = logits.astype(mx.float32) / temperature[:, None]
+    order = mx.argsort(-scaled, axis=-1)  # [B, V], descending
+    values = mx.take_along_axis(scaled, order, axis=-1)
+    return mx.softmax(filter_sorted(values, topk, top_p), axis=-1), order
+
+
+def filtered_probs(logits: mx.array, temperature: mx.array, topk: mx.array, top_p: mx.array) -> mx.array:
+    """logits [B, V] -> the probabilities [B, V] a sample is drawn from (0 outside the kept set)."""
+    probs, order = _sorted_probs(logits, temperature, topk, top_p)
+    return mx.take_along_axis(probs, mx.argsort(order, axis=-1), axis=-1)
+
+
+def sample(logits: mx.array, temperature: mx.array, topk: mx.array, top_p: mx.array,
+           noise: mx.array | None) -> mx.array:
+    """logits [B, V] -> codes [B] (int32). `noise` [B, V]: Exp(1) per code, None when every row
+    is greedy."""
+    if noise is None:
         return mx.argmax(logits, axis=-1).astype(mx.int32)
-    logits = logits.astype(mx.float32) / params.temperature
-    k = min(params.topk, logits.shape[-1])
-    top_indices = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]  # [B, k], unordered
-    top_values = mx.take_along_axis(logits, top_indices, axis=-1)
-    # a categorical draw over the kept logits is a draw from their softmax
-    choice = mx.random.categorical(top_values, axis=-1, key=key)  # [B]
-    return mx.take_along_axis(top_indices, choice[:, None], axis=-1)[:, 0].astype(mx.int32)
+    probs, order = _sorted_probs(logits, temperature, topk, top_p)
+    # exponential race: the argmax of p / Exp(1) is a draw from p
+    choice = mx.argmax(probs / mx.take_along_axis(noise, order, axis=-1), axis=-1)
+    return mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(mx.int32)
+
+
+def exponential_noise(key: mx.array, shape: tuple[int, ...]) -> mx.array:
+    """Exp(1) variates as -log(u), u uniform in [0, 1): none is 0, which would make a dropped
+    code's 0 / 0 a NaN (a u of 0 gives inf, and that code never wins)."""
+    return -mx.log(mx.random.uniform(shape=shape, key=key))

@@ -1,13 +1,13 @@
-"""The PyTorch backend behind `csm.load`: frames in, codes out; codes <-> audio through Mimi."""
+"""The PyTorch backend behind `csm.load`: the model, its frame loops, and Mimi through moshi."""
 
 from __future__ import annotations
 
 import torch
 
-from csm.backend import Backend
+from csm.backends import Backend
 from csm.checkpoint import Checkpoint
-from csm.sampling import SamplingParams
-from csm_torch.generator import FrameGenerator, load_model, pick_device, pick_dtype
+from csm_torch.frame_loop import TorchFrameLoop
+from csm_torch.loading import checkpoint_tensors, fuse_for_inference, load_model, pick_device, pick_dtype
 
 
 class TorchBackend(Backend):
@@ -15,31 +15,23 @@ class TorchBackend(Backend):
 
     def __init__(self, ckpt: Checkpoint, device: str | None = None, dtype: str | None = None, mimi: str | None = None,
                  compile: bool | str = False):
-        super().__init__(ckpt, mimi)
+        super().__init__(ckpt.config, ckpt.root, mimi)
         self.torch_device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.torch_device)
         self.device = str(self.torch_device)
-        self.model = load_model(ckpt, self.torch_device, self.dtype).fuse_projections()
-        # CUDA replays each frame from a captured graph; elsewhere the same code runs eagerly
-        self._cuda_graph = self.torch_device.type == "cuda"
-        self._compile = compile
-        self._frames = FrameGenerator(self.model, cuda_graph=self._cuda_graph, compile=compile)
-        self._batch_frames: FrameGenerator | None = None  # caches sized for the last batch run
+        model = load_model(ckpt.config, checkpoint_tensors(ckpt, self.torch_device, self.dtype), self.torch_device,
+                           self.dtype, source=f"{ckpt.format} checkpoint {ckpt.root}")
+        self.model = fuse_for_inference(model)
+        self.compile = compile
 
-    def generate_codes_batch(self, prompts, max_frames: int, params: SamplingParams, seed: int | None = None):
-        """All prompts in one batch on the device: one frame loop, each stream stopping on its own."""
-        if len(prompts) == 1:
-            return super().generate_codes_batch(prompts, max_frames, params, seed)
-        if self._batch_frames is None or self._batch_frames.batch_size != len(prompts):
-            self._batch_frames = None  # free the previous batch's caches before allocating new ones
-            self._batch_frames = FrameGenerator(self.model, batch_size=len(prompts), cuda_graph=self._cuda_graph,
-                                                compile=self._compile)
-        return self._batch_frames.generate_batch(prompts, max_frames, params, seed)
+    def frame_loop(self, max_batch_size: int) -> TorchFrameLoop:
+        # CUDA replays each frame from a captured graph; elsewhere the same code runs eagerly
+        return TorchFrameLoop(self.model, max_batch_size, cuda_graph=self.torch_device.type == "cuda", compile=self.compile)
 
     def _load_codec(self):
         from csm_torch.mimi import load_mimi
 
-        return load_mimi(model_dir=self._model_dir, mimi=self._mimi_source, device=self.device)
+        return load_mimi(model_dir=self.model_dir, mimi=self._mimi_source, device=self.device)
 
     def synchronize(self) -> None:
         if self.torch_device.type == "cuda":

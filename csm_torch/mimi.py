@@ -14,7 +14,7 @@ import torch
 from moshi.utils.compile import no_cuda_graph
 
 from csm.errors import CheckpointError
-from csm.mimi_codec import MimiCodecBase, StreamingDecoder
+from csm.mimi_codec import MimiCodecBase, StreamingDecoder, share_weights_copy
 from csm.mimi_files import (  # noqa: F401  (re-exported: the torch codec's public names)
     CODEC_PREFIX, FRAME_SIZE, KYUTAI_FILE, MIMI_FILE, MIMI_REPO, NUM_CODEBOOKS, SAMPLE_RATE, TRANSFORMERS,
     read_codec_config, read_codec_state, resolve_mimi_weights,
@@ -116,8 +116,8 @@ def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = Non
 class MimiStreamingDecoder(StreamingDecoder):
     """moshi's streaming mode (batch size 1): conv and transformer state carry over between blocks."""
 
-    def __init__(self, codec: "MimiCodec"):
-        super().__init__(codec)
+    def __init__(self, codec: "MimiCodec", home: "MimiCodec"):
+        super().__init__(codec, home)
         self._streaming = codec.model.streaming(1)  # an ExitStack: closing it drops the state
 
     def _decode_block(self, codes: np.ndarray) -> np.ndarray:
@@ -131,6 +131,7 @@ class MimiCodec(MimiCodecBase):
     """numpy in/out wrapper around moshi's MimiModel (float32, inference mode)."""
 
     def __init__(self, model):
+        super().__init__()
         self.model = model
         self.device = next(model.parameters()).device
 
@@ -153,5 +154,8 @@ class MimiCodec(MimiCodecBase):
         with torch.inference_mode(), no_cuda_graph():
             return self.model.decode(codes.to(self.device, torch.int64)).float()
 
-    def _open_stream(self) -> MimiStreamingDecoder:
-        return MimiStreamingDecoder(self)
+    def _replicate(self) -> "MimiCodec":
+        return MimiCodec(share_weights_copy(self.model, [*self.model.parameters(), *self.model.buffers()]))
+
+    def _open_stream(self, home: "MimiCodec") -> MimiStreamingDecoder:
+        return MimiStreamingDecoder(self, home)

@@ -17,12 +17,12 @@ Parameter names are csm's canonical names (`csm.weights`).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csm.checkpoint import return_freed_memory
 from csm.config import CsmConfig, TransformerConfig
 
 
@@ -75,6 +75,12 @@ class KVCache:
         shape = (batch_size, t.num_kv_heads, max_len, t.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """The cache of rows start:stop (the same memory): a slot's, or a batch bucket's."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[start:stop], self.v[start:stop]
+        return view
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B, kv_heads, T, head_dim] at `input_pos`: [T] for every row alike, or
@@ -231,17 +237,16 @@ class Model(nn.Module):
         """Logits of codebook i >= 1 from the decoder's hidden state [..., D_dec]."""
         return decoder_hidden @ self.audio_head[codebook - 1]
 
-    def fuse_projections(self) -> "Model":
-        """Fuse q/k/v and gate/up weights of both stacks for inference (see `Attention.fuse`).
-        Layer by layer, each layer's separate weights freed before the next is fused: on the CPU
-        the peak stays one layer above the model."""
-        on_cpu = self.audio_head.device.type == "cpu"
+    def fuse_projections(self, after_each_layer: Callable[[], None] | None = None) -> "Model":
+        """Fuse q/k/v and gate/up weights of both stacks for inference (see `Attention.fuse`),
+        layer by layer, each layer's separate weights dropped before the next is fused;
+        `after_each_layer` can hand the freed memory back (see `csm_torch.loading`)."""
         for stack in (self.backbone, self.decoder):
             for layer in stack.layers:
                 layer.self_attn.fuse()
                 layer.mlp.fuse()
-                if on_cpu:
-                    return_freed_memory()
+                if after_each_layer is not None:
+                    after_each_layer()
         return self
 
     # --- training -------------------------------------------------------------------------------

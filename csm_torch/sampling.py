@@ -1,37 +1,90 @@
-"""Top-k / temperature sampling on the device (semantics in `csm.sampling`).
+"""Temperature / top-k / top-p sampling on the device, one setting per batch row (semantics,
+and why the noise is drawn per vocabulary entry, in `csm.sampling`).
 
-The randomness is drawn ahead, for a whole frame at once (`draw_noise`), so that the frame's
-32 samples run without a generator inside: the same code then runs eagerly or replayed from a
-CUDA graph, and gives the same codes for the same seed either way.
+The noise is drawn ahead for a whole frame (`SlotSampling.draw`), so the frame's 32 samples
+run without a generator inside: the same code then runs eagerly or replayed from a CUDA graph
+and gives the same codes for the same seed either way, with no host synchronisation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from csm.sampling import SamplingParams
+from csm.sampling import Sampling, row_settings
+
+TINY = torch.finfo(torch.float32).tiny
 
 
-def draw_noise(params: SamplingParams, num_codebooks: int, batch_size: int, vocab_size: int, device,
-               generator: torch.Generator | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Exp(1) noise [num_codebooks, B, k] for one frame (None when sampling is greedy)."""
-    if params.greedy:
-        return None
-    k = min(params.topk, vocab_size)
-    if out is None:
-        out = torch.empty(num_codebooks, batch_size, k, device=device)
-    return out.exponential_(1, generator=generator)
+class SlotSampling:
+    """Per-slot sampling settings, generators and noise of a running batch, in static buffers
+    (a CUDA graph reads them where they are)."""
+
+    def __init__(self, max_batch_size: int, num_codebooks: int, vocab_size: int, device: torch.device):
+        self.device = device
+        self.temperature = torch.ones(max_batch_size, device=device)
+        self.topk = torch.ones(max_batch_size, dtype=torch.long, device=device)
+        self.top_p = torch.ones(max_batch_size, device=device)
+        self.noise = torch.ones(max_batch_size, num_codebooks, vocab_size, device=device)  # Exp(1) per code
+        self.settings: list[Sampling | None] = [None] * max_batch_size
+        self._generators: list[torch.Generator | None] = [None] * max_batch_size
+
+    def set(self, slot: int, sampling: Sampling, generator: torch.Generator) -> None:
+        """A stream's settings, and the generator it draws all of its noise from."""
+        temperature, topk, top_p = row_settings(sampling)
+        self.temperature[slot], self.topk[slot], self.top_p[slot] = temperature, topk, top_p
+        self.settings[slot] = sampling
+        self._generators[slot] = generator
+
+    def clear(self, slot: int) -> None:
+        self.settings[slot] = None
+        self._generators[slot] = None
+
+    def kept(self, rows: int) -> int | None:
+        """How many sorted candidates the first `rows` rows need (a power of two, to share CUDA
+        graphs between settings), or None when every stream there is greedy."""
+        ks = [s.topk for s in self.settings[:rows] if s is not None and not s.greedy]
+        if not ks:
+            return None
+        return min(1 << (max(ks) - 1).bit_length(), self.noise.shape[-1])
+
+    def draw(self, rows: int) -> None:
+        """Each sampling stream's noise for its next frame, from its own generator."""
+        for slot in range(rows):
+            s = self.settings[slot]
+            if s is not None and not s.greedy:
+                # an Exp(1) draw of exactly 0 would make a dropped code's 0 / 0 a NaN, which wins an argmax
+                self.noise[slot].exponential_(1, generator=self._generators[slot]).clamp_min_(TINY)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, V] -> codes [B] (int64). `noise` [B, k] from `draw_noise`. No host synchronisation."""
-    if params.greedy:
+def filter_sorted(values: torch.Tensor, topk: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Scaled logits sorted in descending order [B, K] -> the same with -inf where top-k [B] or
+    top-p [B] drops a code (top-p as transformers' TopPLogitsWarper: in ascending order, drop
+    what the cumulative probability keeps <= 1 - p, never the most probable code)."""
+    rank = torch.arange(values.shape[-1], device=values.device)
+    values = values.masked_fill(rank >= topk[:, None], float("-inf"))
+    ascending = values.flip(-1)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= (1 - top_p)[:, None]
+    drop[:, -1] = False
+    return ascending.masked_fill(drop, float("-inf")).flip(-1)
+
+
+def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> the probabilities [B, V] a sample is drawn from (0 outside the kept set)."""
+    values, indices = (logits.float() / temperature[:, None]).sort(dim=-1, descending=True)
+    probs = filter_sorted(values, topk, top_p).softmax(dim=-1)
+    return torch.zeros_like(probs).scatter_(-1, indices, probs)
+
+
+def sample(logits: torch.Tensor, slots: SlotSampling, rows: int, kept: int | None, codebook: int) -> torch.Tensor:
+    """logits [B, V] of one codebook for the first B = `rows` slots -> codes [B] (int64).
+    `kept`: candidates to sort (`SlotSampling.kept`), None for an all-greedy batch."""
+    if kept is None:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
-    # unsorted: the race needs the top-k set, not its order, and sorting it was a tenth of a frame on a GPU
-    top_values, top_indices = torch.topk(logits, noise.shape[-1], dim=-1, sorted=False)
-    probs = torch.softmax(top_values, dim=-1)
+    values, indices = (logits.float() / slots.temperature[:rows, None]).topk(kept, dim=-1)  # sorted
+    probs = filter_sorted(values, slots.topk[:rows], slots.top_p[:rows]).softmax(dim=-1)
     # Exponential race: argmax of p / Exp(1) draws from `probs` exactly, like torch.multinomial,
-    # without the device-to-host sync multinomial needs.
+    # without the device-to-host sync multinomial needs; the noise is the codes' own.
+    noise = slots.noise[:rows, codebook].gather(-1, indices)
     choice = (probs / noise).argmax(dim=-1, keepdim=True)
-    return top_indices.gather(-1, choice).squeeze(-1)
+    return indices.gather(-1, choice).squeeze(-1)
