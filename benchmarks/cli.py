@@ -16,8 +16,11 @@ import argparse
 import gc
 import importlib.util
 import json
+import os
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="default: bfloat16 on GPUs, float32 on CPUs")
     run.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (csm torch only above 1)")
     run.add_argument("--impl", nargs="+", choices=list(engines.IMPLS), help="default: all that run on the device")
+    run.add_argument("--streams", nargs="+", type=int, default=[1, 8, 32],
+                     help="the engine rows' stream counts, arriving over time (default 1 8 32)")
     how = p.add_argument_group("how")
     how.add_argument("--frames", type=int, default=64, help="frames timed in the steady state (default 64)")
     how.add_argument("--warmup-frames", type=int, default=8, help="the short call's length (default 8)")
@@ -77,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     how.add_argument("--first-chunk", type=int, default=2, help="frames before the first audio (default 2)")
     how.add_argument("--chunk", type=int, default=8, help="frames per audio chunk after it (default 8)")
     how.add_argument("--copy-mb", type=int, help="size of the bandwidth copy (default 1024 on GPUs, 256 on CPUs)")
+    how.add_argument("--baseline-rev", metavar="REV",
+                     help="also run csm's own loops (batch 1) as git revision REV had them, with that revision's "
+                          "harness, in this run: a before/after of a change (needs a git clone)")
     out = p.add_argument_group("output")
     out.add_argument("--json", type=Path, help="write the rows here (default: csm-bench-<time>.json)")
     out.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
@@ -89,8 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("frames", "warmup_frames", "prompt_tokens", "first_chunk", "chunk"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if any(b < 1 for b in a.batch):
-        p.error("--batch sizes must be at least 1")
+    if any(b < 1 for b in a.batch + a.streams):
+        p.error("--batch sizes and --streams must be at least 1")
     return a
 
 
@@ -100,7 +108,7 @@ def resolve_devices(device: str | None) -> tuple[str | None, str]:
     """(torch's device or None where torch has no such device, MLX's device) for --device."""
     import torch
 
-    from csm_torch.generator import pick_device
+    from csm_torch.loading import pick_device
 
     mlx = "cpu" if device == "cpu" else "gpu"
     if device == "gpu" or device is None:
@@ -167,18 +175,55 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def measure_row(make_engine, impl: engines.Impl, batch: int, target: Target, source: models.ModelSource,
-                a: argparse.Namespace, command: str) -> dict:
-    per_frame = bandwidth.bytes_per_frame(source.config, target.dtype)
+def base_row(impl: engines.Impl, batch: int, target: Target, source: models.ModelSource, a: argparse.Namespace,
+             command: str) -> dict:
+    """What a row says of where and how it was measured; its figures start as None."""
     row = dict.fromkeys(report.ROW_FIELDS)
     row |= {
         "impl": impl.name, "backend": impl.backend, "label": impl.label, "device": target.device,
         "dtype": target.dtype, "batch": batch, "model": source.label,
-        "params_per_frame": bandwidth.params_per_frame(source.config), "bytes_per_frame": per_frame,
+        "params_per_frame": bandwidth.params_per_frame(source.config),
+        "bytes_per_frame": bandwidth.bytes_per_frame(source.config, target.dtype),
         "prompt_tokens": a.prompt_tokens, "first_chunk_frames": a.first_chunk,
         "peak_memory_kind": target.meter.kind, "versions": report.versions(), "date": report.today(),
         "command": command,
     }
+    return row
+
+
+def measure_engine_row(make_generator, impl: engines.Impl, streams: int, target: Target, source: models.ModelSource,
+                       a: argparse.Namespace, command: str) -> dict:
+    """csm's engine with `streams` requests arriving over time (`measure.engine_arrivals`)."""
+    row = base_row(impl, streams, target, source, a, command)
+    gc.collect()
+    try:
+        generator = make_generator()
+        target.meter.reset()
+        run = measure.engine_arrivals(generator, prompt_frames(source, a.prompt_tokens), streams,
+                                      a.warmup_frames + a.frames, a.first_chunk, a.chunk, audio=target.codec is not None)
+    except Exception as exc:
+        row["error"] = first_line(exc)
+        return row
+    firsts = sorted(run.first_audio_s)
+    row["peak_memory_gb"] = target.meter.peak() / 1e9
+    row["frames_timed"] = streams * (a.warmup_frames + a.frames)
+    row["frames_per_s_aggregate"] = run.frames_per_s
+    row["frames_per_s_per_stream"] = run.frames_per_s / streams
+    row["ms_per_frame"] = 1000 / row["frames_per_s_per_stream"]
+    row["ttfa_ms"] = firsts[len(firsts) // 2] * 1000  # the median stream's
+    row["ttfa_max_ms"] = firsts[-1] * 1000
+    row["arrival_ms"] = run.arrival_s * 1000
+    what = "first audio" if run.audio else f"first codes (no audio: {target.codec_error})"
+    row["notes"] = (f"{streams} streams of {row['frames_timed'] // streams} frames, one every {row['arrival_ms']:.0f} ms; "
+                    f"{what}: median {row['ttfa_ms']:.0f} ms, worst {row['ttfa_max_ms']:.0f} ms; "
+                    "frames/s over first submission to last end")
+    return row
+
+
+def measure_row(make_engine, impl: engines.Impl, batch: int, target: Target, source: models.ModelSource,
+                a: argparse.Namespace, command: str) -> dict:
+    per_frame = bandwidth.bytes_per_frame(source.config, target.dtype)
+    row = base_row(impl, batch, target, source, a, command)
     notes = []
     gc.collect()
     try:
@@ -242,7 +287,7 @@ def mark_code_matches(rows: list[dict]) -> None:
 def torch_rows(impls, a, source, device: str, dtype: str, command: str, log) -> list[dict]:
     import torch
 
-    from csm_torch.generator import DTYPES
+    from csm_torch.loading import DTYPES, fuse_for_inference
 
     # transformers' rows share the unfused weights: they run before csm's fuse them
     torch_impls = sorted((i for i in impls if i.backend in ("torch", "transformers")),
@@ -264,18 +309,22 @@ def torch_rows(impls, a, source, device: str, dtype: str, command: str, log) -> 
     prompt = prompt_frames(source, a.prompt_tokens)
     rows = []
     for impl in torch_impls:
-        if impl.backend == "torch" and hasattr(model, "fuse_projections") and not fused:
-            model.fuse_projections()  # as csm's torch backend runs it (transformers' rows come first)
+        if impl.backend == "torch" and not fused:
+            fuse_for_inference(model)  # as csm's torch backend runs it (transformers' rows come first)
             fused = True
-        for batch in (a.batch if impl.batched else [1]):
-            log(f"  {impl.label}, batch {batch} ...")
-            if impl.backend == "torch":
-                make = lambda: engines.torch_engine(impl, model, prompt, batch)  # noqa: E731
+        for batch in sizes(impl, a):
+            log(f"  {impl.label}, {'streams' if impl.arrivals else 'batch'} {batch} ...")
+            if impl.arrivals:
+                make = lambda: engines.Generator(engines.torch_backend(impl, model, codec), tokenizer=None)  # noqa: E731
+                rows.append(measure_engine_row(make, impl, batch, target, source, a, command))
             else:
-                make = lambda: engines.TransformersEngine(  # noqa: E731
-                    engines.transformers_model(model), prompt_ids(source, a.prompt_tokens),
-                    a.warmup_frames + a.frames, static_compile=impl.compile)
-            rows.append(measure_row(make, impl, batch, target, source, a, command))
+                if impl.backend == "torch":
+                    make = lambda: engines.torch_engine(impl, model, prompt, batch)  # noqa: E731
+                else:
+                    make = lambda: engines.TransformersEngine(  # noqa: E731
+                        engines.transformers_model(model), prompt_ids(source, a.prompt_tokens),
+                        a.warmup_frames + a.frames, static_compile=impl.compile)
+                rows.append(measure_row(make, impl, batch, target, source, a, command))
             log("    " + summary(rows[-1]))
             if impl.compile:
                 torch._dynamo.reset()  # drop compiled graphs (and their recompile budget) between rows
@@ -291,7 +340,7 @@ def mlx_rows(impls, a, source, device: str, dtype: str, command: str, log) -> li
         return []
     import mlx.core as mx
 
-    from csm_mlx.generator import DTYPES, pick_device
+    from csm_mlx.loading import DTYPES, pick_device
 
     mx.set_default_device(pick_device(device))
     log(f"building the MLX model ({source.label}, {dtype}, {device}) ...")
@@ -307,10 +356,23 @@ def mlx_rows(impls, a, source, device: str, dtype: str, command: str, log) -> li
     prompt = prompt_frames(source, a.prompt_tokens)
     rows = []
     for impl in mlx_impls:
-        log(f"  {impl.label} ...")
-        rows.append(measure_row(lambda: engines.mlx_engine(impl, model, prompt), impl, 1, target, source, a, command))
-        log("    " + summary(rows[-1]))
+        for batch in sizes(impl, a):
+            log(f"  {impl.label}, {'streams' if impl.arrivals else 'batch'} {batch} ...")
+            if impl.arrivals:
+                make = lambda: engines.Generator(engines.mlx_backend(impl, model, codec), tokenizer=None)  # noqa: E731
+                rows.append(measure_engine_row(make, impl, batch, target, source, a, command))
+            else:
+                rows.append(measure_row(lambda: engines.mlx_engine(impl, model, prompt, batch), impl, batch, target,
+                                        source, a, command))
+            log("    " + summary(rows[-1]))
     return rows
+
+
+def sizes(impl: engines.Impl, a: argparse.Namespace) -> list[int]:
+    """Batch sizes (or stream counts, for the engine rows) to run `impl` at."""
+    if impl.arrivals:
+        return a.streams
+    return a.batch if impl.batched else [1]
 
 
 def prompt_ids(source: models.ModelSource, n: int) -> list[int]:
@@ -360,6 +422,40 @@ def run(a: argparse.Namespace, command: str, log=lambda line: None) -> list[dict
     return rows
 
 
+def baseline_rows(a: argparse.Namespace, rev: str, log) -> list[dict]:
+    """Batch-1 rows of csm's loops at revision `rev`, measured by that revision's own harness in
+    a subprocess over the same model, device and protocol; their impl names get `@rev`."""
+    names = [i.name for i in chosen_impls(a.impl, resolve_devices(a.device)[0])
+             if i.backend in ("torch", "mlx") and not i.arrivals]
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=root, capture_output=True)
+        if archive.returncode != 0:
+            raise CsmError(f"--baseline-rev {rev}: {archive.stderr.decode().strip() or 'git archive failed'}")
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        out = Path(tmp) / "rows.json"
+        argv = [sys.executable, "-m", "benchmarks", "--impl", *names, "--batch", "1", "--json", str(out),
+                "--frames", str(a.frames), "--warmup-frames", str(a.warmup_frames), "--prompt-tokens", str(a.prompt_tokens),
+                "--first-chunk", str(a.first_chunk), "--chunk", str(a.chunk), "--seed", str(a.seed)]
+        for flag, value in (("--model", a.model), ("--dims", a.dims), ("--device", a.device), ("--mimi", a.mimi),
+                            ("--copy-mb", a.copy_mb)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if not (a.model or a.dims):
+            argv += ["--preset", a.preset]
+        if a.dtype:
+            argv += ["--dtype", *a.dtype]
+        log(f"revision {rev}'s harness: {shlex.join(argv[1:])} ...")
+        done = subprocess.run(argv, cwd=tmp, env={**os.environ, "PYTHONPATH": tmp}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0 or not out.exists():
+            raise CsmError(f"revision {rev}'s harness failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+        rows = json.loads(out.read_text())
+    for row in rows:
+        row.update(impl=f"{row['impl']}@{rev}", label=f"{row['label']} (at {rev})")
+    return [dict.fromkeys(report.ROW_FIELDS) | row for row in rows]
+
+
 def read_rows(paths: list[Path]) -> list[dict]:
     rows = []
     for path in paths:
@@ -380,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rows = read_rows(a.from_json) if a.from_json else run(a, command, log)
+        if a.baseline_rev and not a.from_json:
+            rows += baseline_rows(a, a.baseline_rev, log)
     except CsmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,10 +15,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from csm.api import Generator
+from csm.backends import Backend
+from csm.engine import Engine
 from csm.prompt import Frames
-from csm.sampling import SamplingParams
+from csm.sampling import FRAME_MS, Sampling
+from csm.streaming import ChunkPlan, regroup
 
-GREEDY = SamplingParams(topk=1)
 SEED = 0
 
 
@@ -36,6 +39,7 @@ class Impl:
     cpu_default: bool = True  # in the default set on CPUs too
     gpu_default: bool = True  # in the default set on GPUs
     overlap: bool = True  # MLX: queue frame i+1 before reading frame i back (mx.async_eval)
+    arrivals: bool = False  # csm's engine with streams arriving over time (`measure.engine_arrivals`)
 
 
 IMPLS = {i.name: i for i in (
@@ -52,7 +56,10 @@ IMPLS = {i.name: i for i in (
     # ~2 min of Triton tuning per batch size: asked for by name only
     Impl("csm-torch-graph-autotune", "torch", "csm torch, CUDA graph + torch.compile max-autotune", cuda_graph=True,
          compile="max-autotune", batched=True, cuda_only=True, gpu_default=False),
-    Impl("csm-mlx", "mlx", "csm mlx, mx.compile", compile=True),
+    # csm's engine as csm.load runs it (graphed on CUDA), streams joining a running batch over time
+    Impl("csm-torch-engine", "torch", "csm torch engine, streams arriving", batched=True, arrivals=True),
+    Impl("csm-mlx", "mlx", "csm mlx, mx.compile", compile=True, batched=True),
+    Impl("csm-mlx-engine", "mlx", "csm mlx engine, streams arriving", compile=True, batched=True, arrivals=True),
     Impl("csm-mlx-eager", "mlx", "csm mlx, no mx.compile"),
     # what the async overlap buys: each frame evaluated before the next is built
     Impl("csm-mlx-sync", "mlx", "csm mlx, mx.compile, no async overlap", compile=True, overlap=False, cpu_default=False),
@@ -60,49 +67,75 @@ IMPLS = {i.name: i for i in (
 
 
 class BatchingMissing(RuntimeError):
-    """The torch FrameGenerator of this checkout has no `generate_batch` yet."""
+    """An implementation that cannot run batches."""
+
+
+class BenchBackend(Backend):
+    """A backend over a model built by the benchmark (random weights in memory, or a checkpoint):
+    csm's engine then drives it as it drives `csm.load`'s."""
+
+    def __init__(self, name: str, model, make_loop: Callable[[int], object], codec=None, serialized: bool = False):
+        super().__init__(model.config, None, None)
+        self.name, self.device, self.serialized = name, "bench", serialized
+        self._make_loop, self._codec = make_loop, codec
+
+    def frame_loop(self, max_batch_size: int):
+        return self._make_loop(max_batch_size)
+
+    def _load_codec(self):
+        raise RuntimeError("no Mimi codec was given to the benchmark backend")
 
 
 class FrameLoopEngine:
-    """csm's frame loop, either backend: both FrameGenerators share generate/stream signatures."""
+    """csm's generation engine (`csm.engine`) over either backend's frame loop, run in the
+    measuring thread (no background loop): `generate` is `Generator.generate_codes_batch`'s path,
+    `stream` `Generator.stream`'s."""
 
-    def __init__(self, frame_generator, prompt: Frames, sync: Callable[[], None], batch_size: int = 1):
-        self.generator = frame_generator
+    def __init__(self, backend: BenchBackend, prompt: Frames, sync: Callable[[], None], batch_size: int = 1):
+        self.generator = Generator(backend, tokenizer=None)
+        self.engine = Engine(self.generator, max_batch_size=batch_size, background=False)
         self.prompt = prompt
         self.sync = sync
         self.batch_size = batch_size
-        if batch_size > 1 and not hasattr(frame_generator, "generate_batch"):
-            raise BatchingMissing("batch > 1 needs FrameGenerator.generate_batch, which this checkout lacks")
 
     def generate(self, frames: int) -> list[np.ndarray]:
-        p = self.prompt
-        if self.batch_size == 1:
-            return [self.generator.generate(p.tokens, p.mask, frames, GREEDY, seed=SEED)]
-        prompts = [(p.tokens, p.mask)] * self.batch_size
-        return list(self.generator.generate_batch(prompts, frames, GREEDY, seed=SEED))
+        greedy = Sampling(topk=1, max_audio_length_ms=frames * FRAME_MS, seed=SEED)
+        requests = [self.engine.submit_prompt(self.prompt, greedy) for _ in range(self.batch_size)]
+        return [r.codes for r in requests]
 
     def stream(self, frames: int, first_block: int, every: int) -> Iterator[np.ndarray]:
-        p = self.prompt
-        return self.generator.stream(p.tokens, p.mask, frames, GREEDY, seed=SEED, first_block=first_block, check_every=every)
+        greedy = Sampling(topk=1, max_audio_length_ms=frames * FRAME_MS, seed=SEED)
+        plan = ChunkPlan(first_block, every)
+        return regroup(self.engine.submit_prompt(self.prompt, greedy, plan=plan).blocks(), plan)
+
+
+def torch_backend(impl: Impl, model, codec=None) -> BenchBackend:
+    from csm_torch.frame_loop import TorchFrameLoop
+
+    # the engine rows run as csm.load does: graphed wherever there is CUDA
+    graphed = impl.cuda_graph or (impl.arrivals and next(model.parameters()).device.type == "cuda")
+    return BenchBackend("torch", model, lambda b: TorchFrameLoop(model, b, cuda_graph=graphed, compile=impl.compile), codec)
 
 
 def torch_engine(impl: Impl, model, prompt: Frames, batch_size: int) -> FrameLoopEngine:
     import torch
 
-    from csm_torch.generator import FrameGenerator
-
-    generator = FrameGenerator(model, batch_size=batch_size, cuda_graph=impl.cuda_graph, compile=impl.compile)
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return FrameLoopEngine(generator, prompt, sync, batch_size)
+    return FrameLoopEngine(torch_backend(impl, model), prompt, sync, batch_size)
 
 
-def mlx_engine(impl: Impl, model, prompt: Frames) -> FrameLoopEngine:
+def mlx_backend(impl: Impl, model, codec=None) -> BenchBackend:
+    from csm_mlx.frame_loop import MlxFrameLoop
+
+    return BenchBackend("mlx", model, lambda b: MlxFrameLoop(model, b, compile=impl.compile, overlap=impl.overlap),
+                        codec, serialized=True)
+
+
+def mlx_engine(impl: Impl, model, prompt: Frames, batch_size: int = 1) -> FrameLoopEngine:
     import mlx.core as mx
 
-    from csm_mlx.generator import FrameGenerator
-
-    return FrameLoopEngine(FrameGenerator(model, compile=impl.compile, overlap=impl.overlap), prompt, mx.synchronize)
+    return FrameLoopEngine(mlx_backend(impl, model), prompt, mx.synchronize, batch_size)
 
 
 # --- transformers' reference ------------------------------------------------------------------

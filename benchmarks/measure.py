@@ -163,3 +163,59 @@ class ProcessMemory(MemoryMeter):
                     return int(line.split()[1]) * 1024
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+
+
+# --- the engine under arrivals ----------------------------------------------------------------
+
+@dataclass
+class EngineRun:
+    streams: int
+    arrival_s: float  # between two submissions
+    frames_per_s: float  # every stream's frames over the time from the first submission to the last end
+    first_audio_s: list[float]  # per stream, from its submission to its first audio (or first codes)
+    audio: bool  # first_audio_s is decoded audio (else the first code block)
+
+
+def engine_arrivals(generator, prompt, streams: int, frames: int, first_chunk: int, chunk: int,
+                    audio: bool) -> EngineRun:
+    """`streams` requests of `frames` frames each, submitted one by one to a background engine of
+    `streams` slots over the first half of the time one stream takes alone; each is consumed in
+    its own thread as a player would (audio chunks decoded with its own Mimi state, no watermark)."""
+    import threading
+
+    from csm.engine import Engine
+    from csm.sampling import FRAME_MS, Sampling
+    from csm.streaming import ChunkPlan
+
+    greedy = Sampling(topk=1, max_audio_length_ms=frames * FRAME_MS, seed=0)
+    plan = ChunkPlan(first_chunk, chunk)
+    with Engine(generator, max_batch_size=streams, max_queue=streams) as engine:
+        # warm-up: every batch bucket up to `streams` (graph captures, compiles), then one stream alone
+        warm = [engine.submit_prompt(prompt, Sampling(topk=1, max_audio_length_ms=4 * FRAME_MS)) for _ in range(streams)]
+        for r in warm:
+            r.wait()
+        t = time.perf_counter()
+        engine.submit_prompt(prompt, greedy).wait()
+        arrival = (time.perf_counter() - t) / 2 / streams
+        firsts: list[float | None] = [None] * streams
+        counts = [0] * streams
+
+        def consume(i: int, request, submitted: float) -> None:
+            source = iter(request) if audio else request.blocks()
+            for block in source:
+                if firsts[i] is None:
+                    firsts[i] = time.perf_counter() - submitted
+            counts[i] = request.frames
+
+        threads = []
+        start = time.perf_counter()
+        for i in range(streams):
+            time.sleep(max(0.0, start + i * arrival - time.perf_counter()))
+            submitted = time.perf_counter()
+            request = engine.submit_prompt(prompt, greedy, plan=plan if audio else None)
+            threads.append(threading.Thread(target=consume, args=(i, request, submitted)))
+            threads[-1].start()
+        for thread in threads:
+            thread.join()
+        total = time.perf_counter() - start
+    return EngineRun(streams, arrival, sum(counts) / total, [f for f in firsts if f is not None], audio)

@@ -15,10 +15,10 @@ from typing import Iterator
 
 from csm.config import PRESETS, CsmConfig, TransformerConfig
 from csm.errors import CsmError
+from csm.mimi_files import CODEBOOK_SIZE
 from csm.weights import expected_shapes
 
 WEIGHT_STD = 0.02  # like a trained Llama's; logits then spread enough that greedy codes vary
-MIMI_CODEBOOK_SIZE = 2048  # audio ids 2048..2050 are spare: Mimi has no embedding for them
 
 
 def _stack(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, max_seq_len: int) -> TransformerConfig:
@@ -85,47 +85,38 @@ def random_tensors(config: CsmConfig, seed: int) -> Iterator[tuple[str, "torch.T
         # Like the trained model, never predict a spare id: Mimi could not decode it. Zero logits
         # sit far below the top of 2048 random ones, so greedy and top-k never pick them.
         if name == "codebook0_head.weight":
-            t[MIMI_CODEBOOK_SIZE:] = 0
+            t[CODEBOOK_SIZE:] = 0
         elif name == "audio_head":
-            t[..., MIMI_CODEBOOK_SIZE:] = 0
+            t[..., CODEBOOK_SIZE:] = 0
         yield name, t
 
 
 def torch_model(source: ModelSource, device, dtype):
-    """A csm_torch `Model` on `device` in `dtype`, weights assigned without a second copy."""
-    import torch
-
-    from csm_torch.generator import init_buffers, load_model
-    from csm_torch.model import Model
+    """A csm_torch `Model` on `device` in `dtype`, through the loader `csm.load` uses (unfused:
+    transformers' rows share its separate projections; `csm_torch.loading.fuse_for_inference`
+    fuses them for csm's rows)."""
+    from csm_torch.loading import checkpoint_tensors, load_model
 
     if source.path is not None:
         from csm.checkpoint import open_checkpoint
 
-        return load_model(open_checkpoint(source.path), device, dtype)
-    with torch.device("meta"):
-        model = Model(source.config)
-    state = {name: t.to(device=device, dtype=dtype) for name, t in random_tensors(source.config, source.seed)}
-    model.load_state_dict(state, strict=True, assign=True)
-    init_buffers(model, device)
-    return model.eval().requires_grad_(False)
+        ckpt = open_checkpoint(source.path)
+        return load_model(ckpt.config, checkpoint_tensors(ckpt, device, dtype), device, dtype, source=str(source.path))
+    return load_model(source.config, random_tensors(source.config, source.seed), device, dtype, source="random weights")
 
 
 def mlx_model(source: ModelSource, dtype):
-    """A csm_mlx `Model` in `dtype` on MLX's default device."""
+    """A csm_mlx `Model` in `dtype` on MLX's default device, through the loader `csm.load` uses."""
     import mlx.core as mx
 
-    from csm_mlx.generator import load_model
-    from csm_mlx.model import Model
+    from csm_mlx.loading import load_checkpoint, load_model
 
     if source.path is not None:
         from csm.checkpoint import open_checkpoint
 
-        return load_model(open_checkpoint(source.path), dtype)
-    model = Model(source.config)
-    model.load_weights([(name, mx.array(t.numpy()).astype(dtype)) for name, t in random_tensors(source.config, source.seed)],
-                       strict=True)
-    mx.eval(model.parameters())
-    return model.eval()
+        return load_checkpoint(open_checkpoint(source.path), dtype)
+    tensors = ((name, mx.array(t.numpy())) for name, t in random_tensors(source.config, source.seed))
+    return load_model(source.config, tensors, dtype, source="random weights")
 
 
 def torch_mimi(source: ModelSource, device: str, mimi: str | None = None):

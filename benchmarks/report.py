@@ -15,7 +15,7 @@ from pathlib import Path
 ROW_FIELDS = (
     "impl", "backend", "label", "device", "dtype", "batch", "model", "params_per_frame", "bytes_per_frame",
     "frames_per_s_per_stream", "frames_per_s_aggregate", "ms_per_frame", "frames_timed", "setup_s",
-    "rtf_with_mimi", "ttfa_ms", "prompt_tokens", "first_chunk_frames", "mimi_decoder",
+    "rtf_with_mimi", "ttfa_ms", "ttfa_max_ms", "arrival_ms", "prompt_tokens", "first_chunk_frames", "mimi_decoder",
     "peak_memory_gb", "peak_memory_kind", "copy_bandwidth_gb_s", "bound_frames_per_s", "bound_ratio",
     "codes_match_first_row", "versions", "date", "command", "error", "notes",
 )

@@ -20,14 +20,12 @@ from csm.backends import create_backend, select_backend
 from csm.checkpoint import open_checkpoint
 from csm.errors import CsmError
 from csm.hub import DEFAULT_MODEL, resolve_model
+from csm.mimi_files import CODEBOOK_SIZE
 from csm.engine import Engine
 from csm.prompt import Frames, Segment, build_prompt
 from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOPK, Sampling
 from csm.streaming import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES
 from csm.text import load_tokenizer
-
-
-MIMI_CODEBOOK_SIZE = 2048  # the audio vocabulary's 2051 ids = Mimi's codes + 3 spare ids
 
 
 class Generator:
@@ -155,12 +153,12 @@ class Generator:
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[1] != self.config.audio_num_codebooks:
             raise CsmError(f"codes must be [frames, {self.config.audio_num_codebooks}], got {codes.shape}")
-        bad = np.argwhere((codes < 0) | (codes >= MIMI_CODEBOOK_SIZE))
+        bad = np.argwhere((codes < 0) | (codes >= CODEBOOK_SIZE))
         if len(bad):
             frame, book = bad[0]
             raise CsmError(
                 f"frame {first_frame + frame}, codebook {book} holds code {codes[frame, book]}, outside Mimi's "
-                f"0..{MIMI_CODEBOOK_SIZE - 1} ({len(bad)} such codes): the model emitted one of its spare ids; "
+                f"0..{CODEBOOK_SIZE - 1} ({len(bad)} such codes): the model emitted one of its spare ids; "
                 f"generate again with another seed"
             )
         return codes

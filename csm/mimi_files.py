@@ -15,6 +15,7 @@ from csm.errors import CheckpointError, CsmError
 MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 NUM_CODEBOOKS = 32
+CODEBOOK_SIZE = 2048  # codes per codebook; CSM's audio vocabulary has 3 spare ids above them
 SAMPLE_RATE = 24000
 FRAME_SIZE = 1920
 CODEC_PREFIX = "codec_model."

@@ -199,7 +199,8 @@ class TorchFrameLoop(FrameLoop):
             self._step_tokens.copy_(saved[0])
             self._step_pos.copy_(saved[1])
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: streams' Mimi decoders may run on other threads while this captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = self._work(kind, rows, kept)
             self._graphs[key] = (graph, out)
         return self._graphs[key]

@@ -18,10 +18,10 @@ QUICK = ["--preset", "tiny", "--device", "cpu", "--frames", "4", "--warmup-frame
 def quick_run(tmp_path_factory):
     """One run of three implementations: csm torch, transformers' reference, csm MLX."""
     out = tmp_path_factory.mktemp("bench")
-    impls = ["transformers-eager", "csm-torch-eager"] + (["csm-mlx"] if cli.mlx_installed() else [])
+    impls = ["transformers-eager", "csm-torch-eager"] + (["csm-mlx"] if cli.mlx_installed() else []) + ["csm-torch-engine"]
     results = out / "RESULTS.md"
     results.write_text("# Measured results\n\nan earlier row\n")
-    argv = QUICK + ["--impl", *impls, "--batch", "1", "2", "--json", str(out / "rows.json"),
+    argv = QUICK + ["--impl", *impls, "--batch", "1", "2", "--streams", "1", "3", "--json", str(out / "rows.json"),
                     "--append-results", str(results)]
     assert cli.main(argv) == 0
     return json.loads((out / "rows.json").read_text()), results.read_text(), impls
@@ -29,8 +29,8 @@ def quick_run(tmp_path_factory):
 
 def test_every_row_has_every_field_and_positive_figures(quick_run):
     rows, _, impls = quick_run
-    batch_one = [r for r in rows if r["batch"] == 1]
-    assert [r["impl"] for r in batch_one] == impls
+    batch_one = [r for r in rows if r["batch"] == 1 and not r["impl"].endswith("-engine")]
+    assert [r["impl"] for r in batch_one] == [i for i in impls if not i.endswith("-engine")]
     for row in batch_one:
         assert set(row) == set(report.ROW_FIELDS), row["impl"]
         assert row["error"] is None, row["error"]
@@ -44,17 +44,28 @@ def test_the_reference_runs_on_the_same_weights(quick_run):
     """float32 on the CPU: csm's greedy codes (fused weights, and MLX's) equal transformers' frame for frame."""
     rows, _, impls = quick_run
     assert rows[0]["impl"] == "transformers-eager"
-    assert [r["codes_match_first_row"] for r in rows if r["batch"] == 1] == [1.0] * len(impls)
+    matches = [r["codes_match_first_row"] for r in rows if r["batch"] == 1 and not r["impl"].endswith("-engine")]
+    assert matches == [1.0] * (len(impls) - 1)
 
 
-def test_batched_rows_measure_or_say_what_they_need(quick_run):
+def test_batched_rows_run_on_both_backends(quick_run):
+    rows, _, impls = quick_run
+    batched = [r for r in rows if r["batch"] == 2 and not r["impl"].endswith("-engine")]
+    assert [r["impl"] for r in batched] == [i for i in impls if i.startswith("csm-") and not i.endswith("-engine")]
+    for row in batched:
+        assert row["error"] is None, row["error"]
+        assert row["frames_per_s_aggregate"] == pytest.approx(2 * row["frames_per_s_per_stream"])
+
+
+def test_engine_rows_have_streams_arriving_and_their_first_audio(quick_run):
     rows, _, _ = quick_run
-    (batched,) = [r for r in rows if r["batch"] == 2]
-    assert batched["impl"] == "csm-torch-eager"  # only csm's torch loop batches
-    if batched["error"] is not None:
-        assert "generate_batch" in batched["error"]
-    else:
-        assert batched["frames_per_s_aggregate"] == pytest.approx(2 * batched["frames_per_s_per_stream"])
+    engine_rows = [r for r in rows if r["impl"] == "csm-torch-engine"]
+    assert [r["batch"] for r in engine_rows] == [1, 3]
+    for row in engine_rows:
+        assert row["error"] is None, row["error"]
+        assert row["frames_per_s_aggregate"] > 0 and row["arrival_ms"] > 0
+        assert 0 < row["ttfa_ms"] <= row["ttfa_max_ms"]
+        assert "first audio: median" in row["notes"]
 
 
 def test_markdown_table_and_results_section(quick_run, capsys):
@@ -67,7 +78,7 @@ def test_markdown_table_and_results_section(quick_run, capsys):
 
 
 def test_bytes_per_frame_of_csm_1b():
-    """PERF_NOTES: 977 M backbone params + 31 x 115 M decoder params = 4.55 G read per frame."""
+    """977 M backbone params + 31 x 115 M decoder params = 4.55 G read per frame at batch 1."""
     assert params_per_frame(PRESETS["csm-1b"]) == pytest.approx(4.55e9, rel=2e-3)
 
 

@@ -1,4 +1,5 @@
-"""Conversation context with audio: Mimi round trip into prompt frames (CSM_FACTS §2)."""
+"""Conversation context with audio: Mimi round trip into prompt frames (each context turn is its
+text frames, then its audio frames, then one all-zero end-of-audio frame)."""
 
 import numpy as np
 import pytest
@@ -22,12 +23,12 @@ def _voice(seconds: float, freq: float = 220.0) -> np.ndarray:
 def test_codec_loads_lazily(tiny_model_dir):
     g = csm.load(str(tiny_model_dir), device="cpu", dtype="float32")
     g.generate_codes("no audio needed", topk=1, max_audio_length_ms=160)
-    assert g._backend._codec is None  # text-only generation never touched Mimi
+    assert not g._backend.codec_loaded  # text-only generation never touched Mimi
 
 
 def test_context_frames_follow_the_spec(gen):
     audio = _voice(0.5)
-    codes = gen._backend.codec.encode(audio)
+    codes = gen.codec.encode(audio)
     assert codes.shape == (7, 32)  # 12000 samples -> 6.25 frames, padded to 7
 
     ctx = [csm.Segment(speaker=1, text="hi", audio=audio)]
@@ -67,7 +68,7 @@ def test_context_too_long_is_a_clear_error(gen):
 
 
 def test_generate_watermarks(gen, watermark_dir, monkeypatch):
-    g = csm.load(str(gen._backend._model_dir), device="cpu", dtype="float32", watermark_model=str(watermark_dir))
+    g = csm.load(str(gen._backend.model_dir), device="cpu", dtype="float32", watermark_model=str(watermark_dir))
     calls = []
     from csm.watermark import PUBLIC_KEY, Watermarker
 

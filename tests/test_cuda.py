@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import csm
-from csm.sampling import SamplingParams
 from csm.checkpoint import open_checkpoint
-from csm_torch.generator import FrameGenerator, load_model
+from csm.sampling import Sampling
+from csm_torch.frame_loop import TorchFrameLoop
+from csm_torch.loading import checkpoint_tensors, load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TEXT = "Testing on the GPU."
@@ -42,42 +43,57 @@ def test_half_precision_logits_close_to_float32(tiny_csm_dir, dtype):
     assert codes.shape[1] == 32 and (codes >= 0).all() and (codes < 2051).all()
 
 
-@pytest.mark.parametrize("params, seed", [(SamplingParams(topk=1), None), (SamplingParams(temperature=0.9, topk=50), 7)])
-def test_cuda_graph_loop_equals_eager_loop(tiny_csm_dir, params, seed):
-    """Prefill eagerly, then every frame replayed from one captured graph: same codes as eager,
-    greedy and seeded sampling alike, also when a second call reuses the captured graph."""
-    gen = csm.load(str(tiny_csm_dir), device="cuda", dtype="float32")
-    prompt = gen.prompt(TEXT, 0)
-    model = gen._backend.model
-    eager = FrameGenerator(model).generate(prompt.tokens, prompt.mask, 12, params, seed=seed)
-    graphed = FrameGenerator(model, cuda_graph=True)
-    for _ in range(2):
-        np.testing.assert_array_equal(graphed.generate(prompt.tokens, prompt.mask, 12, params, seed=seed), eager)
-    assert len(eager) == 12
+def loop_codes(loop, prompt, sampling, seed, frames, slot=0):
+    """A stream's codes through a frame loop's protocol: start in `slot`, then advance."""
+    first = loop.start(slot, prompt.tokens, prompt.mask, sampling, seed)
+    rest = loop.advance(frames - 1)[slot]
+    loop.drop(slot)
+    return np.concatenate([first[None], rest])
 
 
 def unfused_model(model_dir):
-    """The eager reference: the checkpoint's own separate q/k/v and gate/up projections."""
-    return load_model(open_checkpoint(model_dir), torch.device("cuda"), torch.float32)
+    ckpt = open_checkpoint(model_dir)
+    cuda = torch.device("cuda")
+    return load_model(ckpt.config, checkpoint_tensors(ckpt, cuda, torch.float32), cuda, torch.float32)
+
+
+SAMPLINGS = [Sampling(topk=1), Sampling(temperature=0.9, topk=50, top_p=0.9)]
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "sampled"])
+def test_cuda_graph_loop_equals_eager_loop(tiny_csm_dir, sampling):
+    gen = csm.load(str(tiny_csm_dir), device="cuda", dtype="float32")
+    prompt = gen.prompt(TEXT, 0)
+    model = gen._backend.model
+    eager = loop_codes(TorchFrameLoop(model), prompt, sampling, 7, 12)
+    graphed = TorchFrameLoop(model, cuda_graph=True)
+    np.testing.assert_array_equal(loop_codes(graphed, prompt, sampling, 7, 12), eager)
+    np.testing.assert_array_equal(loop_codes(graphed, prompt, sampling, 7, 12), eager)  # replayed graphs
 
 
 def test_fast_path_equals_the_eager_reference(tiny_csm_dir):
-    """Fused projections + compiled stacks + one graph per frame: the eager, unfused loop's greedy codes."""
     gen = csm.load(str(tiny_csm_dir), device="cuda", dtype="float32")
     prompt = gen.prompt(TEXT, 0)
-    params = SamplingParams(topk=1)
-    eager = FrameGenerator(unfused_model(tiny_csm_dir)).generate(prompt.tokens, prompt.mask, 12, params)
-    fast = FrameGenerator(gen._backend.model, cuda_graph=True, compile=True)
-    np.testing.assert_array_equal(fast.generate(prompt.tokens, prompt.mask, 12, params), eager)
+    eager = loop_codes(TorchFrameLoop(unfused_model(tiny_csm_dir)), prompt, SAMPLINGS[0], 0, 12)
+    fast = TorchFrameLoop(gen._backend.model, cuda_graph=True, compile=True)
+    np.testing.assert_array_equal(loop_codes(fast, prompt, SAMPLINGS[0], 0, 12), eager)
 
 
-def test_graphed_batch_gives_each_stream_its_eager_greedy_codes(tiny_csm_dir):
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "sampled"])
+def test_graphed_engine_gives_each_joining_stream_its_eager_solo_codes(tiny_csm_dir, sampling):
+    """Streams join the graphed batch at different frames (buckets 1, 2, 4 in turn) and get the
+    codes an eager loop gives each alone."""
     gen = csm.load(str(tiny_csm_dir), device="cuda", dtype="float32")
-    texts = ["Hi.", "A longer sentence to pad the batch with.", TEXT]
-    prompts = [(p.tokens, p.mask) for p in (gen.prompt(t, 0) for t in texts)]
-    params = SamplingParams(topk=1)
-    reference = FrameGenerator(unfused_model(tiny_csm_dir))
-    alone = [reference.generate(tokens, mask, 12, params) for tokens, mask in prompts]
-    batch = FrameGenerator(gen._backend.model, batch_size=3, cuda_graph=True).generate_batch(prompts, 12, params)
-    for a, b in zip(alone, batch):
-        np.testing.assert_array_equal(b, a)
+    reference = TorchFrameLoop(unfused_model(tiny_csm_dir))
+    texts = ["Hi.", "A much longer sentence, to pad the others.", "Medium length here.", "Four."]
+    prompts = [gen.prompt(t, 1) for t in texts]
+    frames = 20
+    alone = [loop_codes(reference, p, sampling, 30 + i, frames) for i, p in enumerate(prompts)]
+    engine = csm.Engine(gen, max_batch_size=4, background=False)
+    requests = []
+    for i, p in enumerate(prompts):
+        stream = csm.Sampling(sampling.temperature, sampling.topk, sampling.top_p, frames * 80, seed=30 + i)
+        requests.append(engine.submit_prompt(p, stream))
+        engine.step(max_frames=3)
+    for r, a in zip(requests, alone):
+        np.testing.assert_array_equal(r.codes, a)

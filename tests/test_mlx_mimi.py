@@ -77,6 +77,21 @@ def test_stream_decode_equals_batch_decode(kyutai_file, audio):
     np.testing.assert_allclose(codec.decode(codes[:3]), batch[: 3 * 1920], atol=1e-5, rtol=0)
 
 
+def test_streams_interleave_each_with_its_own_state(kyutai_file, audio):
+    codec = mlx_mimi.load_mimi(mimi=kyutai_file)
+    codes = codec.encode(audio)
+    other = codes[::-1].copy()
+    expected_a, expected_b = codec.decode(codes), codec.decode(other)
+    pieces_a, pieces_b, start = [], [], 0
+    with codec.streaming_decoder() as a, codec.streaming_decoder() as b:
+        for size in (3, 5, 6):
+            pieces_a.append(a.decode(codes[start : start + size]))
+            pieces_b.append(b.decode(other[start : start + size]))
+            start += size
+    np.testing.assert_allclose(np.concatenate(pieces_a), expected_a, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(pieces_b), expected_b, atol=1e-5, rtol=0)
+
+
 def test_wrong_weights_name_the_problem(tmp_path):
     from safetensors.numpy import save_file
 

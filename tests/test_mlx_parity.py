@@ -98,15 +98,9 @@ def test_every_layout_loads_the_same_weights(mlx_gen, layout, request):
 
 
 def test_uncompiled_frames_equal_compiled(mlx_gen, tiny_model_dir):
-    from csm_mlx.generator import FrameGenerator
-
-    prompt = mlx_gen.prompt(*CASES[0])
-    params = csm.sampling.SamplingParams(temperature=0.9, topk=50)
-    plain = FrameGenerator(mlx_gen._backend.model, compile=False)
-    compiled = FrameGenerator(mlx_gen._backend.model, compile=True)
-    a = plain.generate(prompt.tokens, prompt.mask, 6, params, seed=11)
-    b = compiled.generate(prompt.tokens, prompt.mask, 6, params, seed=11)
-    np.testing.assert_array_equal(a, b)
+    plain = csm.load(tiny_model_dir, backend="mlx", device="cpu", dtype="float32", compile=False)
+    kw = dict(max_audio_length_ms=6 * 80, temperature=0.9, topk=50, seed=11)
+    np.testing.assert_array_equal(plain.generate_codes(*CASES[0], **kw), mlx_gen.generate_codes(*CASES[0], **kw))
 
 
 def test_seeded_sampling_is_reproducible(mlx_gen):
@@ -125,15 +119,12 @@ def test_seeded_sampling_is_reproducible(mlx_gen):
 
 
 def test_sampling_keeps_to_the_top_k():
-    from csm.sampling import SamplingParams
-    from csm_mlx.sampling import sample
+    from csm_mlx.sampling import exponential_noise, sample
 
     logits = mx.array(np.random.default_rng(0).normal(size=(1, 100)).astype(np.float32))
     top3 = set(np.argsort(-np.array(logits[0]))[:3].tolist())
-    key = mx.random.key(0)
-    drawn = set()
-    for k in mx.random.split(key, 200):
-        drawn.add(int(sample(logits, SamplingParams(temperature=1.0, topk=3), k)[0]))
+    one, three = mx.array([1.0]), mx.array([3])
+    drawn = {int(sample(logits, one, three, one, exponential_noise(k, (1, 100)))[0]) for k in mx.random.split(mx.random.key(0), 200)}
     assert drawn == top3
 
 
@@ -184,16 +175,17 @@ def test_bfloat16_checkpoints_load_bit_exact(tiny_csm_dir, tmp_path, kind):
 
     from csm.checkpoint import open_checkpoint
     from csm.convert import convert
-    from csm_mlx.generator import load_model as mlx_load_model
-    from csm_torch.generator import load_model as torch_load_model
+    from csm_mlx.loading import load_checkpoint
+    from csm_torch.loading import checkpoint_tensors, load_model
 
     d = convert(tiny_csm_dir, tmp_path / "bf16", to="csm", dtype="bfloat16")
     if kind == "ckpt.pt":
         torch.save(load_file(d / "model.safetensors"), d / "ckpt.pt")
         (d / "model.safetensors").unlink()
     ckpt = open_checkpoint(d)
-    ours = dict(torch_load_model(ckpt, torch.device("cpu"), torch.bfloat16).named_parameters())
-    theirs = dict(tree_flatten(mlx_load_model(ckpt, mx.bfloat16).parameters()))
+    cpu = torch.device("cpu")
+    ours = dict(load_model(ckpt.config, checkpoint_tensors(ckpt, cpu, torch.bfloat16), cpu, torch.bfloat16).named_parameters())
+    theirs = dict(tree_flatten(load_checkpoint(ckpt, mx.bfloat16).parameters()))
     assert theirs.keys() == ours.keys()
     for name, t in ours.items():
         assert theirs[name].dtype == mx.bfloat16

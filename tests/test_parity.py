@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import csm
-import csm_torch.generator as generator_module
+import csm_torch.frame_loop as frame_loop_module
+from csm_torch import loading
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -128,13 +129,13 @@ def test_official_and_csm_layouts_give_identical_codes(gen, tiny_official_dir, t
 
 def test_forward_train_matches_step_by_step_generation(gen, monkeypatch):
     recorded = []
-    original = generator_module.sample
+    original = frame_loop_module.sample
 
-    def recording_sample(logits, params, noise=None):
+    def recording_sample(logits, *args):
         recorded.append(logits.detach().clone())
-        return original(logits, params, noise)
+        return original(logits, *args)
 
-    monkeypatch.setattr(generator_module, "sample", recording_sample)
+    monkeypatch.setattr(frame_loop_module, "sample", recording_sample)
     text, speaker = CASES[0]
     codes = gen.generate_codes(text, speaker, topk=1, max_audio_length_ms=MAX_MS)
     monkeypatch.undo()
@@ -189,20 +190,15 @@ def test_topk_1_equals_temperature_0(gen):
 # --- streamed code blocks ---------------------------------------------------------------------------
 
 def test_streamed_blocks_concatenate_to_the_generated_codes(gen):
-    prompt = gen.prompt(*CASES[0])
-    params = csm.sampling.SamplingParams(temperature=0.9, topk=50)
-    whole = gen._backend.generate_codes(prompt.tokens, prompt.mask, MAX_FRAMES, params, seed=7)
-    blocks = list(gen._backend.stream_codes(prompt.tokens, prompt.mask, MAX_FRAMES, params, seed=7,
-                                            first_block=2, check_every=3))
+    from csm.streaming import ChunkPlan
+
+    whole = gen.generate_codes(*CASES[0], max_audio_length_ms=MAX_MS, temperature=0.9, topk=50, seed=7)
+    engine = csm.Engine(gen, max_batch_size=1, background=False)
+    sampling = csm.Sampling(temperature=0.9, topk=50, max_audio_length_ms=MAX_MS, seed=7)
+    blocks = list(engine.submit_prompt(gen.prompt(*CASES[0]), sampling, plan=ChunkPlan(2, 3)).blocks())
     assert len(whole) == MAX_FRAMES  # the tiny model does not stop early on this seed
-    assert [len(b) for b in blocks] == [2, 3, 3, 2]
+    assert sum(map(len, blocks)) == MAX_FRAMES and len(blocks) > 1
     np.testing.assert_array_equal(np.concatenate(blocks), whole)
-
-
-def test_check_points_cover_first_block_then_every_n_and_the_end():
-    assert generator_module.check_points(10, 1, 8) == {1, 9, 10}
-    assert generator_module.check_points(10, 20, 3) == {10}
-    assert generator_module.check_points(1, 1, 8) == {1}
 
 
 # --- batches ---------------------------------------------------------------------------------------
@@ -216,17 +212,12 @@ def test_batch_of_prompts_of_different_lengths_gives_each_its_own_greedy_codes(g
         np.testing.assert_array_equal(a, b)
 
 
-def test_each_stream_of_a_batch_stops_on_its_own_silent_frame(gen):
-    frames = generator_module.FrameGenerator(gen._backend.model, batch_size=3)
-    rng = np.random.default_rng(0)
-    codes = rng.integers(1, 2048, size=(3, 6, 32))
-    codes[0, 2] = 0  # stream 0 ends after 2 frames; stream 2 after 4; stream 1 runs to the end
-    codes[2, 4] = 0
-    frames._blocks = lambda *a: iter([codes[:, :3], codes[:, 3:]])  # the loop's blocks, scripted
-    out = frames.generate_batch([(None, None)] * 3, 6, csm.sampling.SamplingParams(topk=1))
-    assert [len(o) for o in out] == [2, 6, 4]
-    np.testing.assert_array_equal(out[1], codes[1])
-    np.testing.assert_array_equal(out[2], codes[2, :4])
+def test_a_batch_gives_each_turn_its_solo_sampled_codes(gen):
+    texts = ["Hi.", "A much longer sentence, to pad the others in the batch."]
+    kw = dict(temperature=0.9, topk=50, top_p=0.8, max_audio_length_ms=MAX_MS)
+    together = gen.generate_codes_batch(texts, speakers=[1, 2], seed=40, **kw)
+    for i, (text, speaker) in enumerate(zip(texts, [1, 2])):
+        np.testing.assert_array_equal(together[i], gen.generate_codes(text, speaker, seed=40 + i, **kw))
 
 
 def test_batch_api_checks_one_speaker_and_context_per_text(gen):
@@ -238,8 +229,10 @@ def test_fused_projections_give_the_same_logits(tiny_transformers_dir):
     from csm.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(tiny_transformers_dir[0])
-    plain = generator_module.load_model(ckpt, torch.device("cpu"), torch.float32)
-    fused = generator_module.load_model(ckpt, torch.device("cpu"), torch.float32).fuse_projections()
+    cpu = torch.device("cpu")
+    plain = loading.load_model(ckpt.config, loading.checkpoint_tensors(ckpt, cpu, torch.float32), cpu, torch.float32)
+    fused = loading.fuse_for_inference(
+        loading.load_model(ckpt.config, loading.checkpoint_tensors(ckpt, cpu, torch.float32), cpu, torch.float32))
     assert not hasattr(fused.backbone.layers[0].self_attn, "q_proj")
     x = torch.randn(2, 5, plain.config.backbone.hidden_size)
     pos = torch.arange(5)
@@ -247,8 +240,8 @@ def test_fused_projections_give_the_same_logits(tiny_transformers_dir):
 
 
 def test_compile_modes_are_named_or_refused():
-    assert generator_module.compile_options(False) is None
-    assert generator_module.compile_options(True) == {}
-    assert generator_module.compile_options("max-autotune")["max_autotune"] is True
+    assert frame_loop_module.compile_options(False) is None
+    assert frame_loop_module.compile_options(True) == {}
+    assert frame_loop_module.compile_options("max-autotune")["max_autotune"] is True
     with pytest.raises(csm.CsmError, match="unknown compile mode"):
-        generator_module.compile_options("fastest")
+        frame_loop_module.compile_options("fastest")

@@ -53,14 +53,23 @@ def test_watermarked_chunks_are_whole_windows_each_marked_on_its_own(gen):
     assert start == len(plain)
 
 
-def test_the_codec_is_busy_while_a_stream_is_open(gen):
-    stream = gen.stream(TEXT, max_audio_length_ms=400, seed=1, first_chunk_frames=1, chunk_frames=1, watermark=False)
-    first = next(stream)
-    with pytest.raises(CsmError, match="streaming a clip"):
-        gen.decode(np.zeros((1, 32), dtype=np.int64))
-    stream.close()  # what a `for` loop left with `break` does
+def test_two_streams_at_once_and_decoding_beside_them(gen):
+    args = dict(max_audio_length_ms=400, topk=50, first_chunk_frames=1, chunk_frames=1, watermark=False)
+    one, two = gen.stream(TEXT, seed=1, **args), gen.stream("Another line.", speaker=2, seed=2, **args)
+    first = [next(one), next(two)]
     assert gen.decode(np.zeros((1, 32), dtype=np.int64)).shape == (1920,)
-    assert first.shape == (1920,)
+    rest_one, rest_two = list(one), list(two)
+    np.testing.assert_allclose(np.concatenate([first[0], *rest_one]),
+                               gen.decode(gen.generate_codes(TEXT, seed=1, max_audio_length_ms=400, topk=50)), atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([first[1], *rest_two]), gen.decode(
+        gen.generate_codes("Another line.", speaker=2, seed=2, max_audio_length_ms=400, topk=50)), atol=1e-5)
+
+
+def test_leaving_a_stream_early_frees_the_generator(gen):
+    stream = gen.stream(TEXT, max_audio_length_ms=2400, seed=1, first_chunk_frames=1, chunk_frames=1, watermark=False)
+    next(stream)
+    stream.close()  # what a `for` loop left with `break` does: the rest is not generated
+    assert len(gen.generate_codes(TEXT, max_audio_length_ms=160, topk=1)) == 2
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
@@ -68,7 +77,8 @@ def test_the_codec_is_busy_while_a_stream_is_open(gen):
     (dict(chunk_frames=2.5), "chunk_frames must be a whole number of frames >= 1"),
     (dict(chunk_frames=True), "chunk_frames"),
     (dict(watermark_key=(1, 2, 3)), "watermark key must be 5 integers"),
-    (dict(topk=0), "top-k must be at least 1"),
+    (dict(topk=0), "top-k must be a whole number >= 1"),
+    (dict(top_p=0.0), "top-p must be in"),
     (dict(max_audio_length_ms=0), "max audio length must be positive"),
 ])
 def test_bad_arguments_raise_before_generating(gen, kwargs, fragment):

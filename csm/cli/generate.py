@@ -21,8 +21,9 @@ from csm.cli.playback import ChunkPlayer, play
 from csm.errors import CsmError, read_json
 from csm.hub import DEFAULT_MODEL
 from csm.mimi_files import FRAME_SIZE
-from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOPK, FRAME_MS, SamplingParams, max_frames
+from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOPK, FRAME_MS, Sampling
 from csm.streaming import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES
+
 
 def read_context(path: Path, sample_rate: int) -> list:
     """A JSON list of {"speaker": 0, "text": "...", "audio": "file.wav"}; audio paths are relative
@@ -48,8 +49,7 @@ def run(opts: dict) -> None:
     text = opts["text"]
     if not text or not text.strip():
         raise CsmError("--text is empty: give the words to speak")
-    params = SamplingParams(temperature=opts["temperature"], topk=opts["top_k"])
-    frames = max_frames(opts["max_audio_length_ms"])
+    sampling = Sampling(opts["temperature"], opts["top_k"], opts["top_p"], opts["max_audio_length_ms"], opts["seed"])
     plan = chunk_plan(opts)
     output = Path(opts["output"]) if opts["output"] else (None if opts["play"] else Path("output.wav"))
     if output is not None and output.exists() and not opts["force"]:
@@ -75,14 +75,15 @@ def run(opts: dict) -> None:
                        mimi=opts["mimi"], tokenizer=opts["tokenizer"], watermark_model=opts["watermark_model"],
                        quantize=opts.get("quantize"), compile=opts["compile"])
         click.echo(f"loaded {opts['model']} on {gen.backend}/{gen.device}", err=True)
-        request = dict(text=text, speaker=opts["speaker"], context=context, max_audio_length_ms=opts["max_audio_length_ms"],
-                       temperature=params.temperature, topk=params.topk, seed=opts["seed"])
-        watermark_key = None if opts["no_watermark"] else key
+        # Mimi (and the watermark) must be there before the first frame, not after the last
+        watermark_key = gen.prepare_audio(watermark=not opts["no_watermark"], watermark_key=key)
+        request = dict(text=text, speaker=opts["speaker"], context=context, max_audio_length_ms=sampling.max_audio_length_ms,
+                       temperature=sampling.temperature, topk=sampling.topk, top_p=sampling.top_p, seed=sampling.seed)
 
         from tqdm import tqdm
 
         start = time.perf_counter()
-        with tqdm(total=frames, unit="frame", desc="generating", file=sys.stderr, leave=False) as bar:
+        with tqdm(total=sampling.max_frames, unit="frame", desc="generating", file=sys.stderr, leave=False) as bar:
             if plan is None:
                 audio, first_audio = generate_whole(gen, request, bar), None
             else:
@@ -168,6 +169,8 @@ def make_command(backend: str | None = None, name: str = "csm-generate", extra_o
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Default: bfloat16 on GPUs, float32 on CPU."),
         click.option("--temperature", type=float, default=DEFAULT_TEMPERATURE, show_default=True),
         click.option("--top-k", "top_k", type=int, default=DEFAULT_TOPK, show_default=True),
+        click.option("--top-p", "top_p", type=float, default=DEFAULT_TOP_P, show_default=True,
+                     help="Nucleus sampling after top-k: keep the most probable codes up to this total probability."),
         click.option("--max-audio-length-ms", type=float, default=DEFAULT_MAX_AUDIO_LENGTH_MS, show_default=True),
         click.option("--seed", type=int, help="Seed for reproducible sampling."),
         click.option("--compile", type=click.Choice(["default", "max-autotune"]),
