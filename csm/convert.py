@@ -9,8 +9,7 @@ folder renamed into place). Tensors stream through `csm.weights`, the same table
 use, so a round trip is bit-exact. The tokenizer and Mimi travel along: Mimi is stored inside
 transformers checkpoints (`codec_model.*`) and beside the others as kyutai's original file.
 
-`--to mlx` writes an mlx-lm-style folder: csm's names, saved by MLX, optionally quantized (config.json
-then carries mlx-lm's `quantization` entry, and loading it needs no flags); Mimi stays float.
+`--to mlx` writes an mlx-lm-style folder (see `csm_mlx.convert`; it needs MLX); Mimi stays float.
 """
 
 from __future__ import annotations
@@ -27,11 +26,10 @@ from csm.checkpoint import Checkpoint, iter_tensors, open_checkpoint
 from csm.config import flavor_name, to_official_dict, to_transformers_dict
 from csm.errors import CsmError
 from csm.hub import resolve_model
+from csm.mimi_files import CODEC_PREFIX, MIMI_FILE
 from csm.weights import FORMATS, convert_state
 
-MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-CODEC_PREFIX = "codec_model."
 DTYPES = ("float32", "bfloat16", "float16")
 TARGETS = (*FORMATS, "mlx")
 
@@ -57,24 +55,11 @@ def _codec_tensors(ckpt: Checkpoint, cast) -> dict:
 
 
 def _write_mlx(ckpt: Checkpoint, tmp: Path, dtype: str | None, quantize: int | None, group_size: int) -> None:
-    """The model as csm_mlx holds it (quantized if asked), saved by MLX, with its config."""
     try:
-        import mlx.core as mx
-        from mlx.utils import tree_flatten
-
-        from csm_mlx.generator import DTYPES as MLX_DTYPES
-        from csm_mlx.generator import load_model
-        from csm_mlx.quantize import quantization_config
+        from csm_mlx.convert import write_mlx
     except ImportError as exc:
         raise CsmError(f"--to mlx needs MLX ({exc}); install it with `pip install 'csm[mlx]'`") from None
-    if ckpt.quantization is not None:
-        raise CsmError(f"{ckpt.root} is already quantized; convert the float checkpoint instead")
-    model = load_model(ckpt, MLX_DTYPES[dtype or "float32"], quantize=quantize, group_size=group_size)
-    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
-    config = ckpt.config.to_dict()
-    if quantize is not None:
-        config["quantization"] = quantization_config(quantize, group_size)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_mlx(ckpt, tmp, dtype, quantize, group_size)
 
 
 def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None, force: bool = False,

@@ -90,3 +90,18 @@ def test_transformers_loads_our_conversion(tiny_transformers_dir, tiny_model_dir
         expected = tiny_transformers_dir[1].generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=4)
         got = hf.generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=4)
     assert torch.equal(expected, got)
+
+
+def test_mlx_target_without_mlx_is_one_clear_error(tiny_csm_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlx", None)  # `import mlx.core` now fails as if not installed
+    monkeypatch.setitem(sys.modules, "mlx.core", None)
+    monkeypatch.delitem(sys.modules, "csm_mlx.convert", raising=False)
+    with pytest.raises(CsmError, match="--to mlx needs MLX"):
+        convert(tiny_csm_dir, tmp_path / "m", to="mlx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_core_imports_neither_torch_nor_mlx():
+    code = "import sys, csm.convert; print(sorted(m for m in ('torch', 'mlx') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout
