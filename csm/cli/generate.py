@@ -74,6 +74,7 @@ def run(opts: dict) -> None:
         gen = csm.load(opts["model"], backend=opts["backend"], device=opts["device"], dtype=opts["dtype"],
                        mimi=opts["mimi"], tokenizer=opts["tokenizer"], watermark_model=opts["watermark_model"],
                        quantize=opts.get("quantize"), compile=opts["compile"])
+        gen.load_codec()  # no Mimi fails now, not after generating every frame
         click.echo(f"loaded {opts['model']} on {gen.backend}/{gen.device}", err=True)
         request = dict(text=text, speaker=opts["speaker"], context=context, max_audio_length_ms=opts["max_audio_length_ms"],
                        temperature=params.temperature, topk=params.topk, seed=opts["seed"])
