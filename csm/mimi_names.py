@@ -1,4 +1,4 @@
-"""Tensor names of the Mimi codec: transformers' ``MimiModel`` layout -> kyutai's original layout.
+"""Tensor names of the Mimi codec: transformers' ``MimiModel`` layout <-> kyutai's original layout.
 
 Backend-neutral (no torch import): the values may be torch tensors, numpy arrays or MLX arrays; only
 ``.shape``, ``.reshape`` and ``.swapaxes`` are used on them, plus a concatenation function that is
@@ -23,12 +23,16 @@ Layout differences besides names:
   (torch ``Conv1d`` / ``ConvTranspose1d``).
 * Codebooks: ``codebook.embed_sum`` / ``cluster_usage`` / ``initialized`` ->
   ``_codebook.embedding_sum`` / ``cluster_usage`` / ``_initialized`` (same values).
+
+``original_to_transformers`` is the exact inverse of ``transformers_to_original`` (only renames,
+row permutations and a split): a round trip gives back every tensor bit for bit.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from csm.errors import CheckpointError
 
@@ -53,6 +57,13 @@ _TF = r"^(encoder|decoder)_transformer\.layers\.(\d+)\."
 _ORIG_TF = r"\1_transformer.transformer.layers.\2."
 _SEM = r"^quantizer\.semantic_residual_vector_quantizer\."
 _ACO = r"^quantizer\.acoustic_residual_vector_quantizer\."
+# the same places on the other side, for the inverse table (ORIGINAL_RULES)
+_ORIG = r"^(encoder|decoder)_transformer\.transformer\.layers\.(\d+)\."
+_FLAT_TF = r"\1_transformer.layers.\2."
+_RVQ_FIRST = r"^quantizer\.rvq_first\.vq\.layers\.(\d+)\._codebook\."
+_RVQ_REST = r"^quantizer\.rvq_rest\.vq\.layers\.(\d+)\._codebook\."
+_SEM_OUT = r"quantizer.semantic_residual_vector_quantizer.layers.\1.codebook."
+_ACO_OUT = r"quantizer.acoustic_residual_vector_quantizer.layers.\1.codebook."
 
 # Flat transformers names -> original names, first match wins. q/k/v are handled separately (QKV_RULE).
 RULES: tuple[tuple[str, str], ...] = (
@@ -169,5 +180,81 @@ def transformers_to_original(
             )
         out[target] = concat(
             [unrope_permute(parts["q"], num_heads), unrope_permute(parts["k"], num_heads), parts["v"]]
+        )
+    return out
+
+
+# Original names -> flat transformers names, the inverse of RULES. in_proj_weight is split (IN_PROJ_RULE).
+ORIGINAL_RULES: tuple[tuple[str, str], ...] = (
+    # SEANet
+    (rf"^decoder\.model\.({_CONVTR})\.convtr\.convtr\.(weight|bias)$", r"decoder.layers.\1.conv.\2"),
+    (r"^(encoder|decoder)\.model\.(\d+)\.conv\.conv\.(weight|bias)$", r"\1.layers.\2.conv.\3"),
+    (r"^(encoder|decoder)\.model\.(\d+)\.block\.(\d+)\.conv\.conv\.(weight|bias)$", r"\1.layers.\2.block.\3.conv.\4"),
+    (r"^(encoder|decoder)\.model\.(\d+)\.shortcut\.conv\.conv\.(weight|bias)$", r"\1.layers.\2.shortcut.conv.\3"),
+    # resampling
+    (r"^downsample\.conv\.conv\.conv\.weight$", "downsample.conv.weight"),
+    (r"^upsample\.convtr\.convtr\.convtr\.weight$", "upsample.conv.weight"),
+    # transformers
+    (_ORIG + r"self_attn\.out_proj\.weight$", _FLAT_TF + "self_attn.o_proj.weight"),
+    (_ORIG + r"linear1\.weight$", _FLAT_TF + "mlp.fc1.weight"),
+    (_ORIG + r"linear2\.weight$", _FLAT_TF + "mlp.fc2.weight"),
+    (_ORIG + r"norm1\.(weight|bias)$", _FLAT_TF + r"input_layernorm.\3"),
+    (_ORIG + r"norm2\.(weight|bias)$", _FLAT_TF + r"post_attention_layernorm.\3"),
+    (_ORIG + r"layer_scale_1\.scale$", _FLAT_TF + "self_attn_layer_scale.scale"),
+    (_ORIG + r"layer_scale_2\.scale$", _FLAT_TF + "mlp_layer_scale.scale"),
+    # quantizer
+    (r"^quantizer\.rvq_first\.(input_proj|output_proj)\.weight$", r"quantizer.semantic_residual_vector_quantizer.\1.weight"),
+    (r"^quantizer\.rvq_rest\.(input_proj|output_proj)\.weight$", r"quantizer.acoustic_residual_vector_quantizer.\1.weight"),
+    (_RVQ_FIRST + r"embedding_sum$", _SEM_OUT + "embed_sum"),
+    (_RVQ_REST + r"embedding_sum$", _ACO_OUT + "embed_sum"),
+    (_RVQ_FIRST + r"cluster_usage$", _SEM_OUT + "cluster_usage"),
+    (_RVQ_REST + r"cluster_usage$", _ACO_OUT + "cluster_usage"),
+    (_RVQ_FIRST + r"_initialized$", _SEM_OUT + "initialized"),
+    (_RVQ_REST + r"_initialized$", _ACO_OUT + "initialized"),
+)
+
+# The original in_proj_weight [3D, D] -> transformers' q/k/v weights [D, D] (prefix of each).
+IN_PROJ_RULE = (_ORIG + r"self_attn\.in_proj_weight$", _FLAT_TF + "self_attn.")
+
+_ORIGINAL_COMPILED = tuple((re.compile(p), r) for p, r in ORIGINAL_RULES)
+_IN_PROJ = re.compile(IN_PROJ_RULE[0])
+
+
+def rope_permute(weight: Any, num_heads: int) -> Any:
+    """The original interleaved-pair q/k rows -> transformers' rotate-half rows, per head (the
+    inverse of `unrope_permute`)."""
+    out_dim, in_dim = weight.shape
+    head_dim = out_dim // num_heads
+    return weight.reshape(num_heads, head_dim // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
+
+
+def original_to_transformers(state: dict[str, Any], num_heads: int = 8) -> dict[str, Any]:
+    """Rename (and re-layout) kyutai's original Mimi state dict to the flat transformers
+    ``MimiModel`` names (no ``codec_model.`` prefix): the inverse of `transformers_to_original`.
+    Raises CheckpointError naming any tensor it does not know."""
+    out: dict[str, Any] = {}
+    unknown: list[str] = []
+    for name, value in state.items():
+        m = _IN_PROJ.match(name)
+        if m:
+            prefix = _IN_PROJ.sub(IN_PROJ_RULE[1], name, count=1)
+            dim = value.shape[0] // 3
+            if value.shape[0] != 3 * dim:
+                raise CheckpointError(f"Mimi codec tensor {name} has shape {tuple(value.shape)}: expected [3 * D, D]")
+            out[prefix + "q_proj.weight"] = rope_permute(value[:dim], num_heads)
+            out[prefix + "k_proj.weight"] = rope_permute(value[dim:2 * dim], num_heads)
+            out[prefix + "v_proj.weight"] = value[2 * dim:]
+            continue
+        for pattern, repl in _ORIGINAL_COMPILED:
+            if pattern.match(name):
+                out[pattern.sub(repl, name, count=1)] = value
+                break
+        else:
+            unknown.append(name)
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (f" (and {len(unknown) - 8} more)" if len(unknown) > 8 else "")
+        raise CheckpointError(
+            f"unknown Mimi codec tensor name(s) in kyutai's checkpoint: {shown}; "
+            "this is not a Mimi state dict this version understands"
         )
     return out

@@ -125,3 +125,13 @@ def test_play_without_audio_device(tmp_path, base_args):
     if r.returncode == 0:  # a machine with a working (or null) output device plays fine
         return
     assert_one_line_error(r, "cannot play audio")
+
+
+def test_mimi_unavailable_fails_before_generating(tmp_path, tiny_official_dir, watermark_dir):
+    # no Mimi in the folder, offline with an empty Hub cache: the codec is loaded before the first
+    # frame, so the run stops before the progress bar (and a long clip) starts
+    r = run_cli(["--text", "hi", "--model", tiny_official_dir, "--watermark-model", watermark_dir, "--device", "cpu",
+                 "--max-audio-length-ms", 90_000, "-o", "out.wav"], tmp_path)
+    assert_one_line_error(r, "no Mimi codec weights found", "--mimi")
+    assert "generating" not in r.stderr and "loaded" not in r.stderr, r.stderr
+    assert not (tmp_path / "out.wav").exists()
