@@ -163,11 +163,6 @@ class Generator:
             )
         return codes
 
-    def load_codec(self) -> None:
-        """Load Mimi now rather than at its first use: a codec that cannot be had fails here,
-        before any frame is generated (the CLI calls this before generating)."""
-        self._backend.codec
-
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Codes [frames, 32] -> float32 mono audio at 24 kHz (1920 samples per frame)."""
         codes = self.check_codes(codes)

@@ -74,10 +74,9 @@ def run(opts: dict) -> None:
         gen = csm.load(opts["model"], backend=opts["backend"], device=opts["device"], dtype=opts["dtype"],
                        mimi=opts["mimi"], tokenizer=opts["tokenizer"], watermark_model=opts["watermark_model"],
                        quantize=opts.get("quantize"), compile=opts["compile"])
-        gen.load_codec()  # no Mimi fails now, not after generating every frame
-        click.echo(f"loaded {opts['model']} on {gen.backend}/{gen.device}", err=True)
         # Mimi (and the watermark) must be there before the first frame, not after the last
         watermark_key = gen.prepare_audio(watermark=not opts["no_watermark"], watermark_key=key)
+        click.echo(f"loaded {opts['model']} on {gen.backend}/{gen.device}", err=True)
         request = dict(text=text, speaker=opts["speaker"], context=context, max_audio_length_ms=sampling.max_audio_length_ms,
                        temperature=sampling.temperature, topk=sampling.topk, top_p=sampling.top_p, seed=sampling.seed)
 
