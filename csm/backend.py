@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from csm.audio import as_samples
 from csm.checkpoint import Checkpoint
 from csm.config import CsmConfig
 from csm.sampling import SamplingParams
@@ -83,8 +84,9 @@ class Backend(ABC):
         """Blocks of codes [n, 32] as the frame loop clears them (see the FrameGenerators)."""
         return self._frames.stream(tokens, mask, max_frames, params, seed, first_block=first_block, check_every=check_every)
 
-    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
-        return self.codec.encode(audio)
+    def encode_audio(self, audio) -> np.ndarray:
+        """Mono 24 kHz samples (numpy, or a torch tensor a Segment kept) -> Mimi codes."""
+        return self.codec.encode(as_samples(audio))
 
     def decode_audio(self, codes: np.ndarray) -> np.ndarray:
         return self.codec.decode(codes)
