@@ -250,6 +250,9 @@ def load(
     return Generator(create_backend(name, ckpt, device, dtype, mimi, quantize, compile), text_tokenizer, watermark_model)
 
 
-def load_csm_1b(device: str = "cuda", model: str | Path = DEFAULT_MODEL, **kwargs) -> Generator:
-    """The seeds' entry point (Sesame's `generator.load_csm_1b`), on the torch backend."""
-    return load(model, backend="torch", device=device, **kwargs)
+def load_csm_1b(device: str = "cuda", model: str | Path = DEFAULT_MODEL, **kwargs) -> SesameGenerator:  # noqa: F821 (imported in the body)
+    """Sesame's `load_csm_1b(device)`: the torch backend, wrapped so that `generate` returns 1-D
+    float32 torch tensors on `device` (Sesame's contract); the numpy Generator is `.generator`."""
+    from csm.sesame import SesameGenerator
+
+    return SesameGenerator(load(model, backend="torch", device=device, **kwargs))
