@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from csm.prompt import Frames, Segment, build_prompt
 from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOPK, Sampling
 from csm.streaming import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES
 from csm.text import load_tokenizer
+
+if TYPE_CHECKING:
+    from csm.sesame import SesameGenerator  # imports torch
 
 
 class Generator:
@@ -280,6 +283,9 @@ def load(
     return Generator(create_backend(name, ckpt, device, dtype, mimi, quantize, compile), text_tokenizer, watermark_model)
 
 
-def load_csm_1b(device: str = "cuda", model: str | Path = DEFAULT_MODEL, **kwargs) -> Generator:
-    """The seeds' entry point (Sesame's `generator.load_csm_1b`), on the torch backend."""
-    return load(model, backend="torch", device=device, **kwargs)
+def load_csm_1b(device: str = "cuda", model: str | Path = DEFAULT_MODEL, **kwargs) -> "SesameGenerator":
+    """Sesame's `load_csm_1b(device)`: the torch backend, wrapped so that `generate` returns 1-D
+    float32 torch tensors on `device` (Sesame's contract); the numpy Generator is `.generator`."""
+    from csm.sesame import SesameGenerator
+
+    return SesameGenerator(load(model, backend="torch", device=device, **kwargs))

@@ -17,6 +17,14 @@ from csm.errors import CsmError
 MODEL_SAMPLE_RATE = 24_000
 
 
+def as_samples(audio) -> np.ndarray:
+    """float32 numpy samples from a numpy array (or anything np.asarray takes) or a torch tensor
+    on any device in any float dtype, found by duck typing: this module never imports torch."""
+    if hasattr(audio, "detach"):
+        audio = audio.detach().to("cpu").float().numpy()
+    return np.asarray(audio, dtype=np.float32)
+
+
 def to_mono(audio: np.ndarray) -> np.ndarray:
     """Average channels. Accepts [N] or [N, channels] (soundfile's layout)."""
     audio = np.asarray(audio, dtype=np.float32)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from csm.audio import as_samples
 from csm.config import CsmConfig
 from csm.errors import CsmError
 from csm.sampling import Sampling
@@ -100,9 +101,11 @@ class Backend(ABC):
         """The context to run device work in: the backend's lock where it is `serialized`."""
         return self._lock if self.serialized else contextlib.nullcontext()
 
-    def encode_audio(self, audio: np.ndarray) -> np.ndarray:
+    def encode_audio(self, audio) -> np.ndarray:
+        """Mono 24 kHz samples (numpy, or a torch tensor a Segment kept) -> Mimi codes."""
+        samples = as_samples(audio)
         with self.lock():
-            return self.codec.encode(audio)
+            return self.codec.encode(samples)
 
     def decode_audio(self, codes: np.ndarray) -> np.ndarray:
         with self.lock():

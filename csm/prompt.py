@@ -12,32 +12,39 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from csm.audio import MODEL_SAMPLE_RATE, resample
+from csm.audio import MODEL_SAMPLE_RATE, as_samples, resample
 from csm.errors import CsmError
 from csm.text import TextTokenizer
 
 
 @dataclass
 class Segment:
-    """One turn of a conversation. `audio`: mono float32, or None for text only; audio at another
-    `sample_rate` than Mimi's 24 kHz is resampled here, once."""
+    """One turn of a conversation. `audio`: mono samples, or None for text only. A numpy array
+    (or list) is stored as float32 numpy; a 1-D torch tensor (Sesame's Segment; any device, any
+    float dtype) is kept as given, so Sesame's code can `torch.cat` the segments' audio; the
+    backends read either through `csm.audio.as_samples`. Audio at another `sample_rate` than
+    Mimi's 24 kHz is resampled here, once (a tensor stays a tensor of its dtype and device)."""
 
     speaker: int
     text: str
-    audio: np.ndarray | None = None
+    audio: np.ndarray | None = None  # or a 1-D torch tensor, kept as given
     sample_rate: int = MODEL_SAMPLE_RATE
 
     def __post_init__(self):
         if not isinstance(self.speaker, (int, np.integer)) or self.speaker < 0:
             raise CsmError(f"speaker must be a non-negative integer, got {self.speaker!r}")
         if self.audio is not None:
-            audio = np.asarray(self.audio, dtype=np.float32)
+            audio = as_samples(self.audio)
             if audio.ndim != 1:
                 raise CsmError(
                     f"segment audio must be mono (1-D), got shape {audio.shape}; average the channels "
                     "(csm.audio.to_mono) or load it with csm.audio.read_audio"
                 )
-            self.audio = resample(audio, self.sample_rate, MODEL_SAMPLE_RATE)
+            if hasattr(self.audio, "detach"):  # a tensor stays a tensor: Sesame's code torch.cat's seg.audio
+                if self.sample_rate != MODEL_SAMPLE_RATE:
+                    self.audio = self.audio.new_tensor(resample(audio, self.sample_rate, MODEL_SAMPLE_RATE))
+            else:
+                self.audio = resample(audio, self.sample_rate, MODEL_SAMPLE_RATE)
             self.sample_rate = MODEL_SAMPLE_RATE
 
 
