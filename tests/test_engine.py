@@ -227,3 +227,18 @@ def test_engine_sizes_are_checked():
     gen, _ = scripted(frames_with_silence_at(4, None))
     with pytest.raises(csm.CsmError, match="max_batch_size must be"):
         csm.Engine(gen, max_batch_size=0)
+
+
+def test_the_core_imports_neither_torch_nor_mlx():
+    """Every module of csm/ (the engine, the API, the CLIs, the converters) imports without a
+    framework: a backend's package is imported when a backend is created."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    modules = [m.name for m in pkgutil.walk_packages(csm.__path__, "csm.")]
+    assert "csm.engine" in modules and "csm.cli.generate" in modules
+    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in ('torch', 'mlx', 'mlx.core') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
