@@ -314,16 +314,12 @@ def torch_rows(impls, a, source, device: str, dtype: str, command: str, log) -> 
             fused = True
         for batch in sizes(impl, a):
             log(f"  {impl.label}, {'streams' if impl.arrivals else 'batch'} {batch} ...")
-            if impl.arrivals:
-                make = lambda: engines.Generator(engines.torch_backend(impl, model, codec), tokenizer=None)  # noqa: E731
-                rows.append(measure_engine_row(make, impl, batch, target, source, a, command))
+            if impl.backend == "torch":
+                rows.append(csm_row(impl, batch, model, codec, prompt, target, source, a, command))
             else:
-                if impl.backend == "torch":
-                    make = lambda: engines.torch_engine(impl, model, prompt, batch)  # noqa: E731
-                else:
-                    make = lambda: engines.TransformersEngine(  # noqa: E731
-                        engines.transformers_model(model), prompt_ids(source, a.prompt_tokens),
-                        a.warmup_frames + a.frames, static_compile=impl.compile)
+                make = lambda: engines.TransformersEngine(  # noqa: E731
+                    engines.transformers_model(model), prompt_ids(source, a.prompt_tokens),
+                    a.warmup_frames + a.frames, static_compile=impl.compile)
                 rows.append(measure_row(make, impl, batch, target, source, a, command))
             log("    " + summary(rows[-1]))
             if impl.compile:
@@ -358,14 +354,18 @@ def mlx_rows(impls, a, source, device: str, dtype: str, command: str, log) -> li
     for impl in mlx_impls:
         for batch in sizes(impl, a):
             log(f"  {impl.label}, {'streams' if impl.arrivals else 'batch'} {batch} ...")
-            if impl.arrivals:
-                make = lambda: engines.Generator(engines.mlx_backend(impl, model, codec), tokenizer=None)  # noqa: E731
-                rows.append(measure_engine_row(make, impl, batch, target, source, a, command))
-            else:
-                rows.append(measure_row(lambda: engines.mlx_engine(impl, model, prompt, batch), impl, batch, target,
-                                        source, a, command))
+            rows.append(csm_row(impl, batch, model, codec, prompt, target, source, a, command))
             log("    " + summary(rows[-1]))
     return rows
+
+
+def csm_row(impl: engines.Impl, batch: int, model, codec, prompt, target: Target, source: models.ModelSource,
+            a: argparse.Namespace, command: str) -> dict:
+    """One of csm's rows: the engine under arrivals, or its frame loop at a fixed batch."""
+    if impl.arrivals:
+        make = lambda: engines.Generator(engines.backend(impl, model, codec), tokenizer=None)  # noqa: E731
+        return measure_engine_row(make, impl, batch, target, source, a, command)
+    return measure_row(lambda: engines.loop_engine(impl, model, prompt, batch), impl, batch, target, source, a, command)
 
 
 def sizes(impl: engines.Impl, a: argparse.Namespace) -> list[int]:

@@ -109,33 +109,30 @@ class FrameLoopEngine:
         return regroup(self.engine.submit_prompt(self.prompt, greedy, plan=plan).blocks(), plan)
 
 
-def torch_backend(impl: Impl, model, codec=None) -> BenchBackend:
+def backend(impl: Impl, model, codec=None) -> BenchBackend:
+    """A backend over `model` for `impl`, as `csm.load` builds it (torch graphed wherever there is
+    CUDA for the engine rows; MLX serialized between the loop and Mimi)."""
+    if impl.backend == "mlx":
+        from csm_mlx.frame_loop import MlxFrameLoop
+
+        return BenchBackend("mlx", model, lambda b: MlxFrameLoop(model, b, compile=impl.compile, overlap=impl.overlap),
+                            codec, serialized=True)
     from csm_torch.frame_loop import TorchFrameLoop
 
-    # the engine rows run as csm.load does: graphed wherever there is CUDA
     graphed = impl.cuda_graph or (impl.arrivals and next(model.parameters()).device.type == "cuda")
     return BenchBackend("torch", model, lambda b: TorchFrameLoop(model, b, cuda_graph=graphed, compile=impl.compile), codec)
 
 
-def torch_engine(impl: Impl, model, prompt: Frames, batch_size: int) -> FrameLoopEngine:
-    import torch
+def loop_engine(impl: Impl, model, prompt: Frames, batch_size: int) -> FrameLoopEngine:
+    if impl.backend == "mlx":
+        import mlx.core as mx
 
-    device = next(model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return FrameLoopEngine(torch_backend(impl, model), prompt, sync, batch_size)
+        sync = mx.synchronize
+    else:
+        import torch
 
-
-def mlx_backend(impl: Impl, model, codec=None) -> BenchBackend:
-    from csm_mlx.frame_loop import MlxFrameLoop
-
-    return BenchBackend("mlx", model, lambda b: MlxFrameLoop(model, b, compile=impl.compile, overlap=impl.overlap),
-                        codec, serialized=True)
-
-
-def mlx_engine(impl: Impl, model, prompt: Frames, batch_size: int = 1) -> FrameLoopEngine:
-    import mlx.core as mx
-
-    return FrameLoopEngine(mlx_backend(impl, model), prompt, mx.synchronize, batch_size)
+        sync = torch.cuda.synchronize if next(model.parameters()).device.type == "cuda" else (lambda: None)
+    return FrameLoopEngine(backend(impl, model), prompt, sync, batch_size)
 
 
 # --- transformers' reference ------------------------------------------------------------------

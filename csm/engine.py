@@ -359,6 +359,7 @@ class Engine:
                     first = self._loop.start(slot, prompt.tokens, prompt.mask, request.sampling, request.seed)
             except Exception as exc:
                 request._finish(CANCELLED, exc)
+                self._loop.drop(slot)  # whatever the failed start left there
                 continue
             request.joined_frame, request.slot = self.frames, slot
             self._slots[slot] = request

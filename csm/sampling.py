@@ -15,11 +15,11 @@ logits warpers:
 top-k 1 or temperature 0 is greedy: the arg-max, deterministic, which is what parity tests use.
 
 The draw: each stream has its own random generator, seeded from `seed` (a random seed when
-None). Per frame it draws one Exp(1) variate E[v] per codebook and vocabulary entry v, and the
-code is the kept v with the largest p[v] / E[v] (an exponential race: exactly a draw from p, with
-no host synchronisation). The noise belongs to vocabulary entries, not to positions in a top-k
-list, so a stream's codes depend only on its seed and its own logits: never on how many kept
-entries its neighbours in a batch need, nor on the order a top-k kernel returns them in.
+None). Per frame it draws one Exp(1) variate E[j] per codebook and rank j < top-k, and the code
+is the kept candidate of rank j (candidates sorted by probability) with the largest p[j] / E[j]
+(an exponential race: exactly a draw from p, with no host synchronisation). A stream draws the
+same amount whatever runs beside it, and ranks do not depend on how many candidates a batch
+sorts, so a stream's codes depend only on its seed and its own logits.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 from csm.checkpoint import Checkpoint
 from csm.errors import CsmError
-from csm_mlx.generator import DTYPES, load_model
+from csm_mlx.loading import DTYPES, load_checkpoint
 from csm_mlx.quantize import quantization_config
 
 
@@ -24,7 +24,7 @@ def write_mlx(ckpt: Checkpoint, folder: Path, dtype: str | None = None, quantize
     """Write model.safetensors and config.json of `ckpt` into `folder` (float32 unless `dtype`)."""
     if ckpt.quantization is not None:
         raise CsmError(f"{ckpt.root} is already quantized; convert the float checkpoint instead")
-    model = load_model(ckpt, DTYPES[dtype or "float32"], quantize=quantize, group_size=group_size)
+    model = load_checkpoint(ckpt, DTYPES[dtype or "float32"], quantize=quantize, group_size=group_size)
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())),
                         metadata={"format": "mlx"})
     config = ckpt.config.to_dict()

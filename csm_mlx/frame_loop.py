@@ -49,7 +49,7 @@ class MlxFrameLoop(FrameLoop):
         self.max_batch_size = max_batch_size
         self.compile = compile
         self.overlap = overlap
-        self._tails: dict[tuple[bool, int], Callable] = {}
+        self._tails: dict[tuple[int | None, int], Callable] = {}
         self._cache: list[BatchKVCache] | None = None
         self._rows: list[int] = []  # slot of each batch row
         self._settings: dict[int, Sampling] = {}
@@ -125,24 +125,29 @@ class MlxFrameLoop(FrameLoop):
         topk = mx.array([k for _, k, _ in settings])
         top_p = mx.array([p for _, _, p in settings], dtype=mx.float32)
         if greedy:
-            return self._tail_for(True, len(slots))(h, temperature, topk, top_p)
-        noise = mx.stack([self._noise(s) for s in slots])  # [B, 32, V]
-        return self._tail_for(False, len(slots))(h, temperature, topk, top_p, noise)
+            return self._tail_for(None, len(slots))(h, temperature, topk, top_p)
+        # candidates to sort: a power of two (fewer traces), at least every row's top-k
+        kept = min(1 << (max(k for _, k, _ in settings) - 1).bit_length(), self.config.audio_vocab_size)
+        noise = mx.stack([self._noise(s, kept) for s in slots])  # [B, 32, kept]
+        return self._tail_for(kept, len(slots))(h, temperature, topk, top_p, noise)
 
-    def _noise(self, slot: int) -> mx.array:
-        """A stream's noise for its next frame [32, V], from its own key (greedy ones draw none)."""
-        if self._settings[slot].greedy:
-            return mx.ones((self.config.audio_num_codebooks, self.config.audio_vocab_size))
+    def _noise(self, slot: int, kept: int) -> mx.array:
+        """A stream's noise for its next frame [32, kept]: drawn for its own top-k ranks from its
+        own key, ones beyond (greedy streams draw none)."""
+        sampling, books = self._settings[slot], self.config.audio_num_codebooks
+        if sampling.greedy:
+            return mx.ones((books, kept))
         self._keys[slot], frame_key = mx.random.split(self._keys[slot])
-        return exponential_noise(frame_key, (self.config.audio_num_codebooks, self.config.audio_vocab_size))
+        ranks = min(sampling.topk, self.config.audio_vocab_size)  # a top-k above the vocabulary keeps all of it
+        return mx.pad(exponential_noise(frame_key, (books, ranks)), [(0, 0), (0, kept - ranks)], constant_values=1.0)
 
-    def frame_tail(self, h, temperature, topk, top_p, noise) -> mx.array:
+    def frame_tail(self, h, temperature, topk, top_p, noise, kept: int | None = None) -> mx.array:
         """h [B, D] -> the frame's 32 codes [B, 32]: codebook 0 from the backbone's head, then 31
         decoder steps, each sampling the next codebook."""
         m = self.model
 
         def pick(logits, i):
-            return sample(logits, temperature, topk, top_p, None if noise is None else noise[:, i])
+            return sample(logits, temperature, topk, top_p, None if noise is None else noise[:, i], kept)
 
         c = pick(m.codebook0_head(h), 0)
         codes = [c]
@@ -155,14 +160,16 @@ class MlxFrameLoop(FrameLoop):
             x = m.embed_audio(i, c)[:, None]  # [B, 1, D]
         return mx.stack(codes, axis=1)
 
-    def _tail_for(self, greedy: bool, rows: int) -> Callable:
-        key = (greedy, rows)
+    def _tail_for(self, kept: int | None, rows: int) -> Callable:
+        """The frame tail for a batch size and sampling shape (`kept` None: all greedy)."""
+        key = (kept, rows)
         if key not in self._tails:
-            if greedy:
+            if kept is None:
                 def tail(h, temperature, topk, top_p):
                     return self.frame_tail(h, temperature, topk, top_p, None)
             else:
-                tail = self.frame_tail
+                def tail(h, temperature, topk, top_p, noise):
+                    return self.frame_tail(h, temperature, topk, top_p, noise, kept)
             # the weights are inputs of the trace (not constants baked into it)
             self._tails[key] = mx.compile(tail, inputs=self.model.state) if self.compile else tail
         return self._tails[key]

@@ -145,7 +145,7 @@ class TorchFrameLoop(FrameLoop):
         highest = max((s for s, taken in enumerate(self._occupied) if taken), default=0)
         return next(b for b in self.buckets if b > highest)
 
-    def frame_tail(self, h: torch.Tensor, slots: SlotSampling, rows: int, kept: int | None, cache: list[KVCache]) -> torch.Tensor:
+    def frame_tail(self, h: torch.Tensor, slots: SlotSampling, rows: int, kept: tuple[int, bool] | None, cache: list[KVCache]) -> torch.Tensor:
         """The last backbone states h [B, D] -> the frame's codes [B, 32]: codebook 0 from the
         backbone's head, then 31 decoder steps, each sampling the next codebook."""
         m = self.model
@@ -161,7 +161,7 @@ class TorchFrameLoop(FrameLoop):
             pos = self._decoder_positions[i + 1 : i + 2]
         return torch.stack(codes, dim=1)
 
-    def _work(self, kind: str, rows: int, kept: int | None) -> torch.Tensor:
+    def _work(self, kind: str, rows: int, kept: tuple[int, bool] | None) -> torch.Tensor:
         """The two pieces of work the loop repeats, on the static buffers: a starting stream's first
         frame after its prefill ("start"), or a whole frame of the first `rows` slots ("step"),
         whose codes and positions feed the next step."""
@@ -176,7 +176,7 @@ class TorchFrameLoop(FrameLoop):
         self._step_pos[:rows] += self._live[:rows]
         return codes
 
-    def _run(self, kind: str, rows: int, kept: int | None) -> torch.Tensor:
+    def _run(self, kind: str, rows: int, kept: tuple[int, bool] | None) -> torch.Tensor:
         """Run one piece of work: replayed from its graph, or launched eagerly."""
         if not self.cuda_graph:
             return self._work(kind, rows, kept)
@@ -184,7 +184,7 @@ class TorchFrameLoop(FrameLoop):
         graph.replay()
         return out
 
-    def _graph(self, kind: str, rows: int, kept: int | None):
+    def _graph(self, kind: str, rows: int, kept: tuple[int, bool] | None):
         """The captured work for this kind, bucket and sampling shape (captured once, then reused)."""
         key = (kind, rows, kept)
         if key not in self._graphs:

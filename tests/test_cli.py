@@ -71,8 +71,9 @@ def test_refuses_to_overwrite_without_force(tmp_path, base_args):
     [
         (["--text", ""], ["text is empty"]),
         (["--text", "   "], ["text is empty"]),
-        (["--text", "hi", "--temperature", "-0.5"], ["temperature must be >= 0"]),
-        (["--text", "hi", "--top-k", "0"], ["top-k must be at least 1"]),
+        (["--text", "hi", "--temperature", "-0.5"], ["temperature must be a number >= 0"]),
+        (["--text", "hi", "--top-k", "0"], ["top-k must be a whole number >= 1"]),
+        (["--text", "hi", "--top-p", "0"], ["top-p must be in (0, 1]"]),
         (["--text", "hi", "--max-audio-length-ms", "0"], ["max audio length must be positive"]),
         (["--text", "hi", "--dtype", "float8"], ["--dtype"]),
         (["--text", "hi", "--watermark-key", "1,2,3"], ["5"]),

@@ -19,7 +19,7 @@ SAMPLING = [Sampling(topk=1), Sampling(temperature=0.9, topk=50, top_p=0.9)]
 
 def reference_codes(model, tokens, mask, max_frames, sampling: Sampling, seed) -> np.ndarray:
     """The frame loop written as plainly as the model reads, with a stream's key schedule (one
-    split per frame, Exp(1) noise per codebook and code) and the shared sampler."""
+    split per frame, Exp(1) noise per codebook and rank of its top-k) and the shared sampler."""
     from csm_mlx.sampling import exponential_noise, sample
 
     books, vocab = model.config.audio_num_codebooks, model.config.audio_vocab_size
@@ -33,7 +33,8 @@ def reference_codes(model, tokens, mask, max_frames, sampling: Sampling, seed) -
         noise = None
         if not sampling.greedy:
             key, frame_key = mx.random.split(key)
-            noise = exponential_noise(frame_key, (books, vocab))[None]  # [1, 32, V]
+            drawn = exponential_noise(frame_key, (books, sampling.topk))  # a rank's noise, ones beyond top-k
+            noise = mx.pad(drawn, [(0, 0), (0, vocab - sampling.topk)], constant_values=1.0)[None]  # [1, 32, V]
 
         def pick(logits, i):
             return sample(logits, temperature, topk, top_p, None if noise is None else noise[:, i])

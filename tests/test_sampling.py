@@ -87,6 +87,6 @@ def test_greedy_rows_take_the_argmax_beside_sampled_ones():
     slots.set(0, Sampling(topk=1), torch.Generator().manual_seed(0))
     slots.set(1, Sampling(temperature=5.0, topk=100), torch.Generator().manual_seed(0))
     slots.draw(2)
-    assert slots.kept(2) == 100 and slots.kept(1) is None
+    assert slots.kept(2) == (100, False) and slots.kept(1) is None
     for _ in range(5):
         assert torch_sampling.sample(logits, slots, 2, slots.kept(2), 0)[0] == logits[0].argmax()
