@@ -24,6 +24,7 @@ Layout differences besides names:
 * Codebooks: ``codebook.embed_sum`` / ``cluster_usage`` / ``initialized`` ->
   ``_codebook.embedding_sum`` / ``cluster_usage`` / ``_initialized`` (same values).
 
+The names are one table, `NAMES`, of template pairs read in both directions (as in csm/weights.py).
 ``original_to_transformers`` is the exact inverse of ``transformers_to_original`` (only renames,
 row permutations and a split): a round trip gives back every tensor bit for bit.
 """
@@ -40,77 +41,108 @@ from csm.errors import CheckpointError
 # 0 conv, then per ratio (ELU, convtr, resblock), then ELU, conv.
 DECODER_CONVTR_LAYERS = (2, 5, 8, 11)
 
-# transformers >= 5 in-memory (nested) names -> the flat on-disk transformers names.
+# transformers >= 5 in-memory (nested) name prefixes -> the flat on-disk transformers prefixes.
 NESTED_TO_FLAT: tuple[tuple[str, str], ...] = (
-    (r"^encoder\.encoder_seanet\.layers\.", "encoder.layers."),
-    (r"^encoder\.encoder\.layers\.", "encoder.layers."),
-    (r"^encoder\.encoder_transformer\.", "encoder_transformer."),
-    (r"^encoder\.downsample\.", "downsample."),
-    (r"^decoder\.upsample\.", "upsample."),
-    (r"^decoder\.decoder_transformer\.", "decoder_transformer."),
-    (r"^decoder\.decoder_seanet\.layers\.", "decoder.layers."),
-    (r"^decoder\.decoder\.layers\.", "decoder.layers."),
+    ("encoder.encoder_seanet.layers.", "encoder.layers."),
+    ("encoder.encoder.layers.", "encoder.layers."),
+    ("encoder.encoder_transformer.", "encoder_transformer."),
+    ("encoder.downsample.", "downsample."),
+    ("decoder.upsample.", "upsample."),
+    ("decoder.decoder_transformer.", "decoder_transformer."),
+    ("decoder.decoder_seanet.layers.", "decoder.layers."),
+    ("decoder.decoder.layers.", "decoder.layers."),
 )
 
-_CONVTR = "|".join(str(i) for i in DECODER_CONVTR_LAYERS)
-_TF = r"^(encoder|decoder)_transformer\.layers\.(\d+)\."
-_ORIG_TF = r"\1_transformer.transformer.layers.\2."
-_SEM = r"^quantizer\.semantic_residual_vector_quantizer\."
-_ACO = r"^quantizer\.acoustic_residual_vector_quantizer\."
-# the same places on the other side, for the inverse table (ORIGINAL_RULES)
-_ORIG = r"^(encoder|decoder)_transformer\.transformer\.layers\.(\d+)\."
-_FLAT_TF = r"\1_transformer.layers.\2."
-_RVQ_FIRST = r"^quantizer\.rvq_first\.vq\.layers\.(\d+)\._codebook\."
-_RVQ_REST = r"^quantizer\.rvq_rest\.vq\.layers\.(\d+)\._codebook\."
-_SEM_OUT = r"quantizer.semantic_residual_vector_quantizer.layers.\1.codebook."
-_ACO_OUT = r"quantizer.acoustic_residual_vector_quantizer.layers.\1.codebook."
+# What each "{placeholder}" of a template matches; the same text is put in on the other side.
+PLACEHOLDERS = {
+    "side": "encoder|decoder",
+    "n": r"\d+",
+    "i": r"\d+",
+    "p": "weight|bias",
+    "proj": "input_proj|output_proj",
+    "qkv": "q|k|v",
+    "convtr": "|".join(str(i) for i in DECODER_CONVTR_LAYERS),
+}
 
-# Flat transformers names -> original names, first match wins. q/k/v are handled separately (QKV_RULE).
-RULES: tuple[tuple[str, str], ...] = (
+_TF = "{side}_transformer.layers.{n}."  # a transformer layer: flat transformers / original
+_ORIG_TF = "{side}_transformer.transformer.layers.{n}."
+# per transformer layer; q/k/v are not renamed but merged (QKV)
+_LAYER = (
+    ("self_attn.o_proj.weight", "self_attn.out_proj.weight"),
+    ("mlp.fc1.weight", "linear1.weight"),
+    ("mlp.fc2.weight", "linear2.weight"),
+    ("input_layernorm.{p}", "norm1.{p}"),
+    ("post_attention_layernorm.{p}", "norm2.{p}"),
+    ("self_attn_layer_scale.scale", "layer_scale_1.scale"),
+    ("mlp_layer_scale.scale", "layer_scale_2.scale"),
+)
+# quantizer: semantic = rvq_first (1 codebook), acoustic = rvq_rest (31 codebooks)
+_QUANTIZERS = (("semantic", "first"), ("acoustic", "rest"))
+_CODEBOOK = (("embed_sum", "embedding_sum"), ("cluster_usage", "cluster_usage"), ("initialized", "_initialized"))
+
+# (flat transformers template, original template), read in both directions; the first row whose
+# template matches wins, and a name maps only if its image maps back to it, so the decoder's
+# transposed convs (first row) never pass for plain convs either way.
+NAMES: tuple[tuple[str, str], ...] = (
     # SEANet
-    (rf"^decoder\.layers\.({_CONVTR})\.conv\.(weight|bias)$", r"decoder.model.\1.convtr.convtr.\2"),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.conv\.(weight|bias)$", r"\1.model.\2.conv.conv.\3"),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.block\.(\d+)\.conv\.(weight|bias)$", r"\1.model.\2.block.\3.conv.conv.\4"),
-    (r"^(encoder|decoder)\.layers\.(\d+)\.shortcut\.conv\.(weight|bias)$", r"\1.model.\2.shortcut.conv.conv.\3"),
+    ("decoder.layers.{convtr}.conv.{p}", "decoder.model.{convtr}.convtr.convtr.{p}"),
+    ("{side}.layers.{n}.conv.{p}", "{side}.model.{n}.conv.conv.{p}"),
+    ("{side}.layers.{n}.block.{i}.conv.{p}", "{side}.model.{n}.block.{i}.conv.conv.{p}"),
+    ("{side}.layers.{n}.shortcut.conv.{p}", "{side}.model.{n}.shortcut.conv.conv.{p}"),
     # resampling between the SEANet frame rate (25 Hz) and 12.5 Hz
-    (r"^downsample\.conv\.weight$", "downsample.conv.conv.conv.weight"),
-    (r"^upsample\.conv\.weight$", "upsample.convtr.convtr.convtr.weight"),
-    # transformers
-    (_TF + r"self_attn\.o_proj\.weight$", _ORIG_TF + "self_attn.out_proj.weight"),
-    (_TF + r"mlp\.fc1\.weight$", _ORIG_TF + "linear1.weight"),
-    (_TF + r"mlp\.fc2\.weight$", _ORIG_TF + "linear2.weight"),
-    (_TF + r"input_layernorm\.(weight|bias)$", _ORIG_TF + r"norm1.\3"),
-    (_TF + r"post_attention_layernorm\.(weight|bias)$", _ORIG_TF + r"norm2.\3"),
-    (_TF + r"self_attn_layer_scale\.scale$", _ORIG_TF + "layer_scale_1.scale"),
-    (_TF + r"mlp_layer_scale\.scale$", _ORIG_TF + "layer_scale_2.scale"),
-    # quantizer: semantic = rvq_first (1 codebook), acoustic = rvq_rest (31 codebooks)
-    (_SEM + r"(input_proj|output_proj)\.weight$", r"quantizer.rvq_first.\1.weight"),
-    (_ACO + r"(input_proj|output_proj)\.weight$", r"quantizer.rvq_rest.\1.weight"),
-    (_SEM + r"layers\.(\d+)\.codebook\.embed_sum$", r"quantizer.rvq_first.vq.layers.\1._codebook.embedding_sum"),
-    (_ACO + r"layers\.(\d+)\.codebook\.embed_sum$", r"quantizer.rvq_rest.vq.layers.\1._codebook.embedding_sum"),
-    (_SEM + r"layers\.(\d+)\.codebook\.cluster_usage$", r"quantizer.rvq_first.vq.layers.\1._codebook.cluster_usage"),
-    (_ACO + r"layers\.(\d+)\.codebook\.cluster_usage$", r"quantizer.rvq_rest.vq.layers.\1._codebook.cluster_usage"),
-    (_SEM + r"layers\.(\d+)\.codebook\.initialized$", r"quantizer.rvq_first.vq.layers.\1._codebook._initialized"),
-    (_ACO + r"layers\.(\d+)\.codebook\.initialized$", r"quantizer.rvq_rest.vq.layers.\1._codebook._initialized"),
+    ("downsample.conv.weight", "downsample.conv.conv.conv.weight"),
+    ("upsample.conv.weight", "upsample.convtr.convtr.convtr.weight"),
+    *[(_TF + ours, _ORIG_TF + theirs) for ours, theirs in _LAYER],
+    *[(f"quantizer.{q}_residual_vector_quantizer.{{proj}}.weight", f"quantizer.rvq_{rvq}.{{proj}}.weight")
+      for q, rvq in _QUANTIZERS],
+    *[(f"quantizer.{q}_residual_vector_quantizer.layers.{{i}}.codebook.{ours}",
+       f"quantizer.rvq_{rvq}.vq.layers.{{i}}._codebook.{theirs}")
+      for q, rvq in _QUANTIZERS for ours, theirs in _CODEBOOK],
 )
 
-# q/k/v of one attention layer -> rows [q; k; v] of the original in_proj_weight.
-QKV_RULE = (_TF + r"self_attn\.(q|k|v)_proj\.weight$", _ORIG_TF + "self_attn.in_proj_weight")
+# q/k/v of one attention layer <-> rows [q; k; v] of the original in_proj_weight.
+QKV = (_TF + "self_attn.{qkv}_proj.weight", _ORIG_TF + "self_attn.in_proj_weight")
 
 # Transformers-side names with no counterpart (non-persistent buffers some versions save).
 IGNORED = (r"\.rotary_emb\.inv_freq$",)
 
-_COMPILED = tuple((re.compile(p), r) for p, r in RULES)
-_QKV = re.compile(QKV_RULE[0])
-_NESTED = tuple((re.compile(p), r) for p, r in NESTED_TO_FLAT)
+
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile(re.sub(r"\\\{(\w+)\\\}", lambda m: f"(?P<{m[1]}>{PLACEHOLDERS[m[1]]})", re.escape(template)))
+
+
+_TO_ORIGINAL = tuple((_template_regex(ours), theirs) for ours, theirs in NAMES)
+_TO_TRANSFORMERS = tuple((_template_regex(theirs), ours) for ours, theirs in NAMES)
+_QKV, _IN_PROJ = (_template_regex(t) for t in QKV)
 _IGNORED = tuple(re.compile(p) for p in IGNORED)
+
+
+def _first_match(name: str, rules: tuple) -> str | None:
+    for pattern, template in rules:
+        if m := pattern.fullmatch(name):
+            return template.format(**m.groupdict())
+    return None
+
+
+def _rename(name: str, rules: tuple, inverse: tuple) -> str | None:
+    """`name` through the first matching row of `rules`; None if no row matches or if the result
+    does not map back to `name` through `inverse` (the table is a bijection whatever its order)."""
+    out = _first_match(name, rules)
+    return out if out is not None and _first_match(out, inverse) == name else None
+
+
+def _unknown(names: list[str], where: str, what: str) -> CheckpointError:
+    shown = ", ".join(names[:8]) + (f" (and {len(names) - 8} more)" if len(names) > 8 else "")
+    return CheckpointError(
+        f"unknown Mimi codec tensor name(s) in {where}: {shown}; this is not {what} this version understands"
+    )
 
 
 def flatten_name(name: str) -> str:
     """A transformers >= 5 nested name -> the flat on-disk transformers name (others unchanged)."""
-    for pattern, repl in _NESTED:
-        if pattern.match(name):
-            return pattern.sub(repl, name, count=1)
+    for nested, flat in NESTED_TO_FLAT:
+        if name.startswith(nested):
+            return flat + name[len(nested):]
     return name
 
 
@@ -154,23 +186,14 @@ def transformers_to_original(
         flat = flatten_name(name)
         if any(p.search(flat) for p in _IGNORED):
             continue
-        m = _QKV.match(flat)
-        if m:
-            target = _QKV.sub(QKV_RULE[1], flat, count=1)
-            qkv.setdefault(target, {})[m.group(3)] = value
-            continue
-        for pattern, repl in _COMPILED:
-            if pattern.match(flat):
-                out[pattern.sub(repl, flat, count=1)] = value
-                break
+        if m := _QKV.fullmatch(flat):
+            qkv.setdefault(QKV[1].format(**m.groupdict()), {})[m["qkv"]] = value
+        elif (target := _rename(flat, _TO_ORIGINAL, _TO_TRANSFORMERS)) is not None:
+            out[target] = value
         else:
             unknown.append(name)
     if unknown:
-        shown = ", ".join(unknown[:8]) + (f" (and {len(unknown) - 8} more)" if len(unknown) > 8 else "")
-        raise CheckpointError(
-            f"unknown Mimi codec tensor name(s) in the transformers checkpoint: {shown}; "
-            "this is not a transformers MimiModel state dict this version understands"
-        )
+        raise _unknown(unknown, "the transformers checkpoint", "a transformers MimiModel state dict")
     for target, parts in qkv.items():
         missing = [p for p in "qkv" if p not in parts]
         if missing:
@@ -182,42 +205,6 @@ def transformers_to_original(
             [unrope_permute(parts["q"], num_heads), unrope_permute(parts["k"], num_heads), parts["v"]]
         )
     return out
-
-
-# Original names -> flat transformers names, the inverse of RULES. in_proj_weight is split (IN_PROJ_RULE).
-ORIGINAL_RULES: tuple[tuple[str, str], ...] = (
-    # SEANet
-    (rf"^decoder\.model\.({_CONVTR})\.convtr\.convtr\.(weight|bias)$", r"decoder.layers.\1.conv.\2"),
-    (r"^(encoder|decoder)\.model\.(\d+)\.conv\.conv\.(weight|bias)$", r"\1.layers.\2.conv.\3"),
-    (r"^(encoder|decoder)\.model\.(\d+)\.block\.(\d+)\.conv\.conv\.(weight|bias)$", r"\1.layers.\2.block.\3.conv.\4"),
-    (r"^(encoder|decoder)\.model\.(\d+)\.shortcut\.conv\.conv\.(weight|bias)$", r"\1.layers.\2.shortcut.conv.\3"),
-    # resampling
-    (r"^downsample\.conv\.conv\.conv\.weight$", "downsample.conv.weight"),
-    (r"^upsample\.convtr\.convtr\.convtr\.weight$", "upsample.conv.weight"),
-    # transformers
-    (_ORIG + r"self_attn\.out_proj\.weight$", _FLAT_TF + "self_attn.o_proj.weight"),
-    (_ORIG + r"linear1\.weight$", _FLAT_TF + "mlp.fc1.weight"),
-    (_ORIG + r"linear2\.weight$", _FLAT_TF + "mlp.fc2.weight"),
-    (_ORIG + r"norm1\.(weight|bias)$", _FLAT_TF + r"input_layernorm.\3"),
-    (_ORIG + r"norm2\.(weight|bias)$", _FLAT_TF + r"post_attention_layernorm.\3"),
-    (_ORIG + r"layer_scale_1\.scale$", _FLAT_TF + "self_attn_layer_scale.scale"),
-    (_ORIG + r"layer_scale_2\.scale$", _FLAT_TF + "mlp_layer_scale.scale"),
-    # quantizer
-    (r"^quantizer\.rvq_first\.(input_proj|output_proj)\.weight$", r"quantizer.semantic_residual_vector_quantizer.\1.weight"),
-    (r"^quantizer\.rvq_rest\.(input_proj|output_proj)\.weight$", r"quantizer.acoustic_residual_vector_quantizer.\1.weight"),
-    (_RVQ_FIRST + r"embedding_sum$", _SEM_OUT + "embed_sum"),
-    (_RVQ_REST + r"embedding_sum$", _ACO_OUT + "embed_sum"),
-    (_RVQ_FIRST + r"cluster_usage$", _SEM_OUT + "cluster_usage"),
-    (_RVQ_REST + r"cluster_usage$", _ACO_OUT + "cluster_usage"),
-    (_RVQ_FIRST + r"_initialized$", _SEM_OUT + "initialized"),
-    (_RVQ_REST + r"_initialized$", _ACO_OUT + "initialized"),
-)
-
-# The original in_proj_weight [3D, D] -> transformers' q/k/v weights [D, D] (prefix of each).
-IN_PROJ_RULE = (_ORIG + r"self_attn\.in_proj_weight$", _FLAT_TF + "self_attn.")
-
-_ORIGINAL_COMPILED = tuple((re.compile(p), r) for p, r in ORIGINAL_RULES)
-_IN_PROJ = re.compile(IN_PROJ_RULE[0])
 
 
 def rope_permute(weight: Any, num_heads: int) -> Any:
@@ -235,26 +222,18 @@ def original_to_transformers(state: dict[str, Any], num_heads: int = 8) -> dict[
     out: dict[str, Any] = {}
     unknown: list[str] = []
     for name, value in state.items():
-        m = _IN_PROJ.match(name)
-        if m:
-            prefix = _IN_PROJ.sub(IN_PROJ_RULE[1], name, count=1)
+        if m := _IN_PROJ.fullmatch(name):
             dim = value.shape[0] // 3
             if value.shape[0] != 3 * dim:
                 raise CheckpointError(f"Mimi codec tensor {name} has shape {tuple(value.shape)}: expected [3 * D, D]")
-            out[prefix + "q_proj.weight"] = rope_permute(value[:dim], num_heads)
-            out[prefix + "k_proj.weight"] = rope_permute(value[dim:2 * dim], num_heads)
-            out[prefix + "v_proj.weight"] = value[2 * dim:]
-            continue
-        for pattern, repl in _ORIGINAL_COMPILED:
-            if pattern.match(name):
-                out[pattern.sub(repl, name, count=1)] = value
-                break
+            q, k, v = (QKV[0].format(**m.groupdict(), qkv=part) for part in "qkv")
+            out[q] = rope_permute(value[:dim], num_heads)
+            out[k] = rope_permute(value[dim:2 * dim], num_heads)
+            out[v] = value[2 * dim:]
+        elif (target := _rename(name, _TO_TRANSFORMERS, _TO_ORIGINAL)) is not None:
+            out[target] = value
         else:
             unknown.append(name)
     if unknown:
-        shown = ", ".join(unknown[:8]) + (f" (and {len(unknown) - 8} more)" if len(unknown) > 8 else "")
-        raise CheckpointError(
-            f"unknown Mimi codec tensor name(s) in kyutai's checkpoint: {shown}; "
-            "this is not a Mimi state dict this version understands"
-        )
+        raise _unknown(unknown, "kyutai's checkpoint", "a Mimi state dict")
     return out

@@ -5,6 +5,7 @@ session."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from csm.errors import CheckpointError, CsmError
-from csm.mimi_names import transformers_to_original
+from csm.mimi_names import original_to_transformers, transformers_to_original
 from csm_torch import mimi as M
 from fakes.mimi import (
     make_random_mimi,
@@ -159,6 +160,30 @@ def test_qkv_merge_and_rope_permutation_numpy():
     np.testing.assert_array_equal(w[:d], q[order])
     np.testing.assert_array_equal(w[d : 2 * d], k[order])
     np.testing.assert_array_equal(w[2 * d :], v)
+
+
+def test_every_original_name_maps_to_transformers_and_back(kyutai_file, tf_checkpoint):
+    from safetensors.torch import load_file
+
+    kyutai = load_file(str(kyutai_file))  # every tensor of kyutai's layout, as moshi's model has them
+    ours = original_to_transformers(kyutai)
+    # onto transformers' MimiModel names exactly (each in_proj -> q, k, v), and back to every original name
+    assert set(ours) == {k.removeprefix("codec_model.") for k in tf_checkpoint[2]}
+    back = transformers_to_original(ours)
+    assert back.keys() == kyutai.keys()
+    assert all(torch.equal(back[k], kyutai[k]) for k in kyutai)
+    # a name the table does not know, or a row's name with an index the row is not for, is refused either way
+    for name in (
+        "encoder.model.0.mystery.weight",
+        "decoder.model.2.conv.conv.weight",  # layer 2 of the decoder is a transposed conv
+        "decoder.model.3.convtr.convtr.weight",  # ... and layer 3 is not
+        "quantizer.rvq_first.vq.layers.0._codebook.embed_sum",  # transformers' word on the original side
+    ):
+        with pytest.raises(CheckpointError, match=r"unknown Mimi.*in kyutai's checkpoint: " + re.escape(name)):
+            original_to_transformers({name: torch.zeros(1)})
+    for name in ("decoder.layers.2.convtr.weight", "quantizer.rvq_first.input_proj.weight"):
+        with pytest.raises(CheckpointError, match=r"unknown Mimi.*transformers checkpoint: " + re.escape(name)):
+            transformers_to_original({name: torch.zeros(1)})
 
 
 # (c) streaming
