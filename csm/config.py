@@ -60,9 +60,15 @@ class TransformerConfig:
 
 # Sesame's named flavors (torchtune llama3_2 builders as used by the official models.py).
 FLAVORS: dict[str, TransformerConfig] = {
-    "llama-1B": TransformerConfig(num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8, intermediate_size=8192),
-    "llama-100M": TransformerConfig(num_layers=4, hidden_size=1024, num_heads=8, num_kv_heads=2, intermediate_size=8192),
-    "llama-3B": TransformerConfig(num_layers=28, hidden_size=3072, num_heads=24, num_kv_heads=8, intermediate_size=8192),
+    "llama-1B": TransformerConfig(
+        num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8, intermediate_size=8192,
+    ),
+    "llama-100M": TransformerConfig(
+        num_layers=4, hidden_size=1024, num_heads=8, num_kv_heads=2, intermediate_size=8192,
+    ),
+    "llama-3B": TransformerConfig(
+        num_layers=28, hidden_size=3072, num_heads=24, num_kv_heads=8, intermediate_size=8192,
+    ),
     "llama-8B": TransformerConfig(
         num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, intermediate_size=14336,
         rope_scaling=RopeScaling(factor=8.0),
@@ -87,7 +93,7 @@ class CsmConfig:
         return {"csm_format": CSM_FORMAT_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CsmConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CsmConfig:
         """Any of the three dialects, detected from its keys."""
         if "csm_format" in d:
             return _from_ours(d)
@@ -101,7 +107,7 @@ class CsmConfig:
         )
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "CsmConfig":
+    def from_file(cls, path: str | Path) -> CsmConfig:
         return cls.from_dict(read_json(path, "config file"))
 
 

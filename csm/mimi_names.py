@@ -28,7 +28,8 @@ Layout differences besides names:
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from csm.errors import CheckpointError
 

@@ -14,8 +14,15 @@ import mlx.core as mx
 import numpy as np
 
 from csm.errors import CheckpointError
-from csm.mimi_files import FRAME_SIZE, KYUTAI_FILE, NUM_CODEBOOKS, read_codec_config, read_codec_state, resolve_mimi_weights
 from csm.mimi_codec import MimiCodecBase, StreamingDecoder
+from csm.mimi_files import (
+    FRAME_SIZE,
+    KYUTAI_FILE,
+    NUM_CODEBOOKS,
+    read_codec_config,
+    read_codec_state,
+    resolve_mimi_weights,
+)
 from csm.mimi_names import transformers_to_original
 
 
@@ -26,7 +33,7 @@ def _load_original_file(model, path: Path, source: str) -> None:
         raise CheckpointError(f"the Mimi weights of {source} do not fit kyutai's Mimi: {exc}") from None
 
 
-def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = None) -> "MimiCodec":
+def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = None) -> MimiCodec:
     from moshi_mlx.models.mimi import Mimi, mimi_202407
 
     kind, location = resolve_mimi_weights(model_dir, mimi)
@@ -76,7 +83,7 @@ class MimiCodec(MimiCodecBase):
         m.decoder.reset_state()
         return _mono(m.decoder(latents))
 
-    def _open_stream(self) -> "MimiStreamingDecoder":
+    def _open_stream(self) -> MimiStreamingDecoder:
         return MimiStreamingDecoder(self)
 
 

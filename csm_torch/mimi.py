@@ -16,8 +16,17 @@ from moshi.utils.compile import no_cuda_graph
 from csm.errors import CheckpointError
 from csm.mimi_codec import MimiCodecBase, StreamingDecoder
 from csm.mimi_files import (  # noqa: F401  (re-exported: the torch codec's public names)
-    CODEC_PREFIX, FRAME_SIZE, KYUTAI_FILE, MIMI_FILE, MIMI_REPO, NUM_CODEBOOKS, SAMPLE_RATE, TRANSFORMERS,
-    read_codec_config, read_codec_state, resolve_mimi_weights,
+    CODEC_PREFIX,
+    FRAME_SIZE,
+    KYUTAI_FILE,
+    MIMI_FILE,
+    MIMI_REPO,
+    NUM_CODEBOOKS,
+    SAMPLE_RATE,
+    TRANSFORMERS,
+    read_codec_config,
+    read_codec_state,
+    resolve_mimi_weights,
 )
 from csm.mimi_names import transformers_to_original
 
@@ -89,7 +98,7 @@ def load_state_into_moshi(model, state: dict[str, torch.Tensor], source: str) ->
         raise CheckpointError(f"the Mimi weights of {source} do not fit kyutai's Mimi: {'; '.join(parts)}")
 
 
-def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = None, device="cpu") -> "MimiCodec":
+def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = None, device="cpu") -> MimiCodec:
     kind, location = resolve_mimi_weights(model_dir, mimi)
     if kind == KYUTAI_FILE:
         from safetensors.torch import load_file
@@ -116,7 +125,7 @@ def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = Non
 class MimiStreamingDecoder(StreamingDecoder):
     """moshi's streaming mode (batch size 1): conv and transformer state carry over between blocks."""
 
-    def __init__(self, codec: "MimiCodec"):
+    def __init__(self, codec: MimiCodec):
         super().__init__(codec)
         self._streaming = codec.model.streaming(1)  # an ExitStack: closing it drops the state
 

@@ -6,7 +6,15 @@ import json
 import pytest
 import torch
 
-from csm.config import FLAVORS, PRESETS, CsmConfig, RopeScaling, TransformerConfig, to_official_dict, to_transformers_dict
+from csm.config import (
+    FLAVORS,
+    PRESETS,
+    CsmConfig,
+    RopeScaling,
+    TransformerConfig,
+    to_official_dict,
+    to_transformers_dict,
+)
 from csm.errors import CsmError
 from csm_torch.model import rope_frequencies
 from fakes.csm_models import tiny_config
@@ -57,8 +65,11 @@ def hf_csm_1b_dict(v5: bool = True) -> dict:
 
 def assert_csm_1b_dims(c: CsmConfig):
     b, d = c.backbone, c.decoder
-    assert (b.num_layers, b.hidden_size, b.num_heads, b.num_kv_heads, b.head_dim, b.intermediate_size) == (16, 2048, 32, 8, 64, 8192)
-    assert (d.num_layers, d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size) == (4, 1024, 8, 2, 128, 8192)
+    def dims(t: TransformerConfig) -> tuple:
+        return t.num_layers, t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size
+
+    assert dims(b) == (16, 2048, 32, 8, 64, 8192)
+    assert dims(d) == (4, 1024, 8, 2, 128, 8192)
     assert b.rope_theta == d.rope_theta == 500000.0
     assert b.norm_eps == d.norm_eps == 1e-5
     assert (c.text_vocab_size, c.audio_vocab_size, c.audio_num_codebooks, c.frame_width) == (128256, 2051, 32, 33)
@@ -131,7 +142,9 @@ def test_own_dict_round_trip(config, tmp_path):
 
 
 def test_own_dict_without_rope_scaling_round_trips():
-    t = TransformerConfig(num_layers=1, hidden_size=8, num_heads=2, num_kv_heads=1, intermediate_size=16, rope_scaling=None)
+    t = TransformerConfig(
+        num_layers=1, hidden_size=8, num_heads=2, num_kv_heads=1, intermediate_size=16, rope_scaling=None
+    )
     c = CsmConfig(backbone=t, decoder=t, text_vocab_size=10)
     assert CsmConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
