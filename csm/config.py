@@ -80,8 +80,8 @@ FLAVORS: dict[str, TransformerConfig] = {
 class CsmConfig:
     backbone: TransformerConfig
     decoder: TransformerConfig
-    text_vocab_size: int = 128_256
-    audio_vocab_size: int = 2051
+    text_vocab_size: int = 128_256  # Llama-3's tokenizer
+    audio_vocab_size: int = 2051  # per codebook: Mimi's 2048 codes + 3 spare ids (not Mimi codes)
     audio_num_codebooks: int = 32
 
     @property
@@ -116,6 +116,12 @@ PRESETS: dict[str, CsmConfig] = {
 }
 
 
+def _given(**values: Any) -> dict[str, Any]:
+    """The values a config file states; a key it leaves out takes the dataclass default above, so
+    each default (CSM-1B's value) is written once."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _flavor(name: str) -> TransformerConfig:
     try:
         return FLAVORS[name]
@@ -127,9 +133,8 @@ def _from_official(d: dict[str, Any]) -> CsmConfig:
     return CsmConfig(
         backbone=_flavor(d["backbone_flavor"]),
         decoder=_flavor(d["decoder_flavor"]),
-        text_vocab_size=d.get("text_vocab_size", 128_256),
-        audio_vocab_size=d.get("audio_vocab_size", 2051),
-        audio_num_codebooks=d.get("audio_num_codebooks", 32),
+        **_given(text_vocab_size=d.get("text_vocab_size"), audio_vocab_size=d.get("audio_vocab_size"),
+                 audio_num_codebooks=d.get("audio_num_codebooks")),
     )
 
 
@@ -152,17 +157,19 @@ def _from_ours(d: dict[str, Any]) -> CsmConfig:
     )
 
 
-def _transformers_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(theta, scaling) from `rope_parameters` (transformers v5) or `rope_theta`/`rope_scaling` (v4)."""
+def _transformers_rope(d: dict[str, Any]) -> tuple[float | None, RopeScaling | None]:
+    """(theta, scaling) from `rope_parameters` (transformers v5) or `rope_theta`/`rope_scaling` (v4);
+    theta None when the file does not state it."""
     params = dict(d.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", d.get("rope_theta", 500_000.0))
+    theta = params.pop("rope_theta", d.get("rope_theta"))
+    theta = None if theta is None else float(theta)
     scaling = params or d.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
-        return float(theta), None
+        return theta, None
     if kind != "llama3":
         raise CsmError(f"unsupported rope_type {kind!r} in config.json (expected 'llama3' or 'default')")
-    return float(theta), RopeScaling(
+    return theta, RopeScaling(
         factor=float(scaling["factor"]),
         low_freq_factor=float(scaling["low_freq_factor"]),
         high_freq_factor=float(scaling["high_freq_factor"]),
@@ -178,11 +185,9 @@ def _transformers_stack(d: dict[str, Any]) -> TransformerConfig:
         num_heads=d["num_attention_heads"],
         num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
         intermediate_size=d["intermediate_size"],
-        head_dim=d.get("head_dim"),
-        max_seq_len=d.get("max_position_embeddings", 2048),
-        norm_eps=d.get("rms_norm_eps", 1e-5),
-        rope_theta=theta,
         rope_scaling=scaling,
+        **_given(head_dim=d.get("head_dim"), max_seq_len=d.get("max_position_embeddings"),
+                 norm_eps=d.get("rms_norm_eps"), rope_theta=theta),
     )
 
 
@@ -190,9 +195,8 @@ def _from_transformers(d: dict[str, Any]) -> CsmConfig:
     return CsmConfig(
         backbone=_transformers_stack(d),
         decoder=_transformers_stack(d["depth_decoder_config"]),
-        text_vocab_size=d.get("text_vocab_size", 128_256),
-        audio_vocab_size=d.get("vocab_size", 2051),
-        audio_num_codebooks=d.get("num_codebooks", 32),
+        **_given(text_vocab_size=d.get("text_vocab_size"), audio_vocab_size=d.get("vocab_size"),
+                 audio_num_codebooks=d.get("num_codebooks")),
     )
 
 

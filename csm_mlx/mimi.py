@@ -19,6 +19,7 @@ from csm.mimi_files import (
     FRAME_SIZE,
     KYUTAI_FILE,
     NUM_CODEBOOKS,
+    codec_num_heads,
     read_codec_config,
     read_codec_state,
     resolve_mimi_weights,
@@ -41,7 +42,7 @@ def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = Non
     if kind == KYUTAI_FILE:
         _load_original_file(model, location, str(location))
     else:
-        num_heads = (read_codec_config(location) or {}).get("num_attention_heads") or 8
+        num_heads = codec_num_heads(read_codec_config(location))
         state = transformers_to_original(read_codec_state(location, "mlx"), num_heads=num_heads)
         # moshi_mlx reads original-name weights from a file only: hand them over as one
         with tempfile.TemporaryDirectory() as tmp:

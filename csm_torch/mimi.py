@@ -1,8 +1,9 @@
 """The Mimi audio codec (kyutai) for the PyTorch backend, through moshi's own implementation.
 
-CSM-1B speaks in Mimi codes: 24 kHz mono audio, 12.5 frames/s (1920 samples per frame), 32
-codebooks of 2048 codes. Weights come from kyutai's original checkpoint file, or from the
-``codec_model.*`` tensors of a transformers-format CSM checkpoint (mapped by csm/mimi_names.py).
+CSM-1B speaks in Mimi codes (24 kHz mono audio, 1920 samples per frame, 32 codebooks of 2048
+codes: the numbers are defined in `csm.mimi_files`). Weights come from kyutai's original checkpoint
+file, or from the ``codec_model.*`` tensors of a transformers-format CSM checkpoint (mapped by
+`csm.mimi_names`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from csm.mimi_files import (  # noqa: F401  (re-exported: the torch codec's publ
     NUM_CODEBOOKS,
     SAMPLE_RATE,
     TRANSFORMERS,
+    codec_num_heads,
     read_codec_config,
     read_codec_state,
     resolve_mimi_weights,
@@ -113,8 +115,7 @@ def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = Non
         codec_config = read_codec_config(location)
         if codec_config is not None:
             check_codec_config(codec_config, f"{location}/config.json")
-        num_heads = (codec_config or {}).get("num_attention_heads") or 8
-        state = transformers_to_original(read_codec_state(location), num_heads=num_heads)
+        state = transformers_to_original(read_codec_state(location), num_heads=codec_num_heads(codec_config))
         model = _build_moshi_mimi(device)
         load_state_into_moshi(model, state, str(location))
     model.set_num_codebooks(NUM_CODEBOOKS)

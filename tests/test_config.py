@@ -97,6 +97,23 @@ def test_transformers_config_parses_both_rope_spellings(v5):
     assert c.decoder.rope_scaling == RopeScaling(32.0, 0.001953125, 0.0078125, 16)
 
 
+def test_keys_a_config_leaves_out_take_csm_1b_defaults():
+    official = {k: v for k, v in OFFICIAL_HUB_CONFIG.items() if k.endswith("_flavor")}
+    assert CsmConfig.from_dict(official) == PRESETS["csm-1b"]
+    d = hf_csm_1b_dict()
+    for key in ("text_vocab_size", "vocab_size", "num_codebooks"):
+        del d[key]
+    for stack in (d, d["depth_decoder_config"]):
+        for key in ("head_dim", "max_position_embeddings", "rms_norm_eps"):
+            del stack[key]
+        del stack["rope_parameters"]["rope_theta"]
+    c = CsmConfig.from_dict(d)
+    assert (c.text_vocab_size, c.audio_vocab_size, c.audio_num_codebooks) == (128256, 2051, 32)
+    for t in (c.backbone, c.decoder):
+        assert (t.max_seq_len, t.norm_eps, t.rope_theta) == (2048, 1e-5, 500000.0)
+    assert (c.backbone.head_dim, c.decoder.head_dim) == (64, 128)
+
+
 def test_transformers_v4_and_v5_spellings_agree():
     assert CsmConfig.from_dict(hf_csm_1b_dict(True)) == CsmConfig.from_dict(hf_csm_1b_dict(False))
 
