@@ -58,7 +58,8 @@ class TransformerConfig:
             raise CsmError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
 
-# Sesame's named flavors (torchtune llama3_2 builders as used by the official models.py).
+# Sesame's named flavors: the dims of the torchtune llama3_2 builders Sesame's own CSM code calls,
+# which its config.json names instead of listing dims.
 FLAVORS: dict[str, TransformerConfig] = {
     "llama-1B": TransformerConfig(
         num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8, intermediate_size=8192,

@@ -29,7 +29,8 @@ OFFICIAL_HUB_CONFIG = {
     "text_vocab_size": 128256,
 }
 
-# transformers' spelling of the same Llama-3 scaling (CSM_FACTS §1, "RoPE layout trap")
+# transformers' spelling of the same Llama-3 scaling: other numbers, the same wavelength bounds
+# (original / low_freq_factor, original / high_freq_factor), hence the same frequencies
 HF_BACKBONE_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.125, "high_freq_factor": 0.5,
                     "original_max_position_embeddings": 1024}
 HF_DECODER_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.001953125, "high_freq_factor": 0.0078125,

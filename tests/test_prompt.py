@@ -1,4 +1,6 @@
-"""The text template and the prompt frames (CSM_FACTS §2)."""
+"""The text template and the prompt frames: a turn's text is `[speaker]text` between
+<|begin_of_text|> and <|end_of_text|>; a context segment is its text frames, then its audio frames
+and one all-zero end-of-audio frame; the turn to speak comes last, as text frames only."""
 
 import numpy as np
 import pytest
