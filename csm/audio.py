@@ -1,7 +1,7 @@
 """Audio in and out: reading any file soundfile knows, mono mixdown, resampling, atomic WAV writes.
 
 Everything here works on float32 numpy arrays; the model side only ever sees mono audio at the
-model's sample rate (24 kHz for Mimi).
+model's sample rate, Mimi's 24 kHz (`MODEL_SAMPLE_RATE`, defined in `csm.mimi_files`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from csm.errors import CsmError
-
-MODEL_SAMPLE_RATE = 24_000
+from csm.mimi_files import SAMPLE_RATE as MODEL_SAMPLE_RATE
 
 
 def as_samples(audio) -> np.ndarray:

@@ -58,11 +58,18 @@ class TransformerConfig:
             raise CsmError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
 
-# Sesame's named flavors (torchtune llama3_2 builders as used by the official models.py).
+# Sesame's named flavors: the dims of the torchtune llama3_2 builders Sesame's own CSM code calls,
+# which its config.json names instead of listing dims.
 FLAVORS: dict[str, TransformerConfig] = {
-    "llama-1B": TransformerConfig(num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8, intermediate_size=8192),
-    "llama-100M": TransformerConfig(num_layers=4, hidden_size=1024, num_heads=8, num_kv_heads=2, intermediate_size=8192),
-    "llama-3B": TransformerConfig(num_layers=28, hidden_size=3072, num_heads=24, num_kv_heads=8, intermediate_size=8192),
+    "llama-1B": TransformerConfig(
+        num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8, intermediate_size=8192,
+    ),
+    "llama-100M": TransformerConfig(
+        num_layers=4, hidden_size=1024, num_heads=8, num_kv_heads=2, intermediate_size=8192,
+    ),
+    "llama-3B": TransformerConfig(
+        num_layers=28, hidden_size=3072, num_heads=24, num_kv_heads=8, intermediate_size=8192,
+    ),
     "llama-8B": TransformerConfig(
         num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, intermediate_size=14336,
         rope_scaling=RopeScaling(factor=8.0),
@@ -74,8 +81,8 @@ FLAVORS: dict[str, TransformerConfig] = {
 class CsmConfig:
     backbone: TransformerConfig
     decoder: TransformerConfig
-    text_vocab_size: int = 128_256
-    audio_vocab_size: int = 2051
+    text_vocab_size: int = 128_256  # Llama-3's tokenizer
+    audio_vocab_size: int = 2051  # per codebook: Mimi's 2048 codes + 3 spare ids (not Mimi codes)
     audio_num_codebooks: int = 32
 
     @property
@@ -87,7 +94,7 @@ class CsmConfig:
         return {"csm_format": CSM_FORMAT_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CsmConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CsmConfig:
         """Any of the three dialects, detected from its keys."""
         if "csm_format" in d:
             return _from_ours(d)
@@ -101,13 +108,19 @@ class CsmConfig:
         )
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "CsmConfig":
+    def from_file(cls, path: str | Path) -> CsmConfig:
         return cls.from_dict(read_json(path, "config file"))
 
 
 PRESETS: dict[str, CsmConfig] = {
     "csm-1b": CsmConfig(backbone=FLAVORS["llama-1B"], decoder=FLAVORS["llama-100M"]),
 }
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The values a config file states; a key it leaves out takes the dataclass default above, so
+    each default (CSM-1B's value) is written once."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _flavor(name: str) -> TransformerConfig:
@@ -121,9 +134,8 @@ def _from_official(d: dict[str, Any]) -> CsmConfig:
     return CsmConfig(
         backbone=_flavor(d["backbone_flavor"]),
         decoder=_flavor(d["decoder_flavor"]),
-        text_vocab_size=d.get("text_vocab_size", 128_256),
-        audio_vocab_size=d.get("audio_vocab_size", 2051),
-        audio_num_codebooks=d.get("audio_num_codebooks", 32),
+        **_given(text_vocab_size=d.get("text_vocab_size"), audio_vocab_size=d.get("audio_vocab_size"),
+                 audio_num_codebooks=d.get("audio_num_codebooks")),
     )
 
 
@@ -146,17 +158,19 @@ def _from_ours(d: dict[str, Any]) -> CsmConfig:
     )
 
 
-def _transformers_rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(theta, scaling) from `rope_parameters` (transformers v5) or `rope_theta`/`rope_scaling` (v4)."""
+def _transformers_rope(d: dict[str, Any]) -> tuple[float | None, RopeScaling | None]:
+    """(theta, scaling) from `rope_parameters` (transformers v5) or `rope_theta`/`rope_scaling` (v4);
+    theta None when the file does not state it."""
     params = dict(d.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", d.get("rope_theta", 500_000.0))
+    theta = params.pop("rope_theta", d.get("rope_theta"))
+    theta = None if theta is None else float(theta)
     scaling = params or d.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
-        return float(theta), None
+        return theta, None
     if kind != "llama3":
         raise CsmError(f"unsupported rope_type {kind!r} in config.json (expected 'llama3' or 'default')")
-    return float(theta), RopeScaling(
+    return theta, RopeScaling(
         factor=float(scaling["factor"]),
         low_freq_factor=float(scaling["low_freq_factor"]),
         high_freq_factor=float(scaling["high_freq_factor"]),
@@ -172,11 +186,9 @@ def _transformers_stack(d: dict[str, Any]) -> TransformerConfig:
         num_heads=d["num_attention_heads"],
         num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
         intermediate_size=d["intermediate_size"],
-        head_dim=d.get("head_dim"),
-        max_seq_len=d.get("max_position_embeddings", 2048),
-        norm_eps=d.get("rms_norm_eps", 1e-5),
-        rope_theta=theta,
         rope_scaling=scaling,
+        **_given(head_dim=d.get("head_dim"), max_seq_len=d.get("max_position_embeddings"),
+                 norm_eps=d.get("rms_norm_eps"), rope_theta=theta),
     )
 
 
@@ -184,9 +196,8 @@ def _from_transformers(d: dict[str, Any]) -> CsmConfig:
     return CsmConfig(
         backbone=_transformers_stack(d),
         decoder=_transformers_stack(d["depth_decoder_config"]),
-        text_vocab_size=d.get("text_vocab_size", 128_256),
-        audio_vocab_size=d.get("vocab_size", 2051),
-        audio_num_codebooks=d.get("num_codebooks", 32),
+        **_given(text_vocab_size=d.get("text_vocab_size"), audio_vocab_size=d.get("vocab_size"),
+                 audio_num_codebooks=d.get("num_codebooks")),
     )
 
 

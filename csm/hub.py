@@ -18,8 +18,9 @@ def _looks_like_repo_id(name: str) -> bool:
 
 
 def _hub_error(repo: str, what: str, exc: Exception) -> CsmError:
+    reason = (str(exc).splitlines() or [""])[0][:200]  # the first line: hub errors can run to pages
     return CsmError(
-        f"could not get {what} from the Hugging Face Hub repo {repo!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+        f"could not get {what} from the Hugging Face Hub repo {repo!r} ({type(exc).__name__}: {reason}). "
         "Check the name and your network, log in with `huggingface-cli login` for gated repos, "
         "or pass a local path"
     )

@@ -1,4 +1,8 @@
-"""Where the Mimi codec's weights are, for every backend (no framework imports).
+"""The Mimi codec's fixed numbers and where its weights are, for every backend (no framework imports).
+
+CSM speaks in Mimi codes: mono audio at 24 kHz, one frame per 1920 samples (12.5 frames/s, 80 ms
+each), 32 codebooks of 2048 codes per frame. These constants are the one definition of those
+numbers in csm (`csm.audio.MODEL_SAMPLE_RATE` is `SAMPLE_RATE`).
 
 Mimi comes from kyutai's original checkpoint file, or from the ``codec_model.*`` tensors of a
 transformers-format CSM checkpoint (renamed by `csm.mimi_names`); both backends resolve it here.
@@ -10,14 +14,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from csm.checkpoint import SAFETENSORS_INDEX
 from csm.errors import CheckpointError, CsmError
 
 MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
-NUM_CODEBOOKS = 32
-CODEBOOK_SIZE = 2048  # codes per codebook; CSM's audio vocabulary has 3 spare ids above them
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920
+SAMPLE_RATE = 24_000  # Hz, mono
+FRAME_SIZE = 1920  # samples per frame
+FRAME_MS = FRAME_SIZE * 1000 // SAMPLE_RATE  # 80 ms per frame
+NUM_CODEBOOKS = 32  # Mimi's residual codebooks, all used by CSM
+CODEBOOK_SIZE = 2048  # codes per codebook: valid codes are 0..2047
+TRANSFORMER_NUM_HEADS = 8  # attention heads of Mimi's encoder and decoder transformers
 CODEC_PREFIX = "codec_model."
 
 KYUTAI_FILE = "kyutai"
@@ -30,7 +37,7 @@ _FIX = (
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
+    index = model_dir / SAFETENSORS_INDEX
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -105,6 +112,12 @@ def read_codec_state(model_dir: Path, framework: str = "pt") -> dict[str, Any]:
     if not state:
         raise CheckpointError(f"no {CODEC_PREFIX}* tensors in {model_dir}")
     return state
+
+
+def codec_num_heads(codec_config: dict | None) -> int:
+    """The attention heads of the Mimi a transformers `codec_config` describes (kyutai's when unstated):
+    unpermuting its q/k rows for moshi needs them."""
+    return (codec_config or {}).get("num_attention_heads") or TRANSFORMER_NUM_HEADS
 
 
 def read_codec_config(model_dir: Path) -> dict | None:

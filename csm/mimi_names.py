@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from csm.errors import CheckpointError
+from csm.mimi_files import TRANSFORMER_NUM_HEADS
 
 # Decoder SEANet layer indices that are transposed (upsampling) convolutions, for ratios [8, 6, 5, 4]:
 # 0 conv, then per ratio (ELU, convtr, resblock), then ELU, conv.
@@ -172,7 +173,7 @@ def unrope_permute(weight: Any, num_heads: int) -> Any:
 
 def transformers_to_original(
     state: dict[str, Any],
-    num_heads: int = 8,
+    num_heads: int = TRANSFORMER_NUM_HEADS,
     concat: Callable[[list], Any] | None = None,
 ) -> dict[str, Any]:
     """Rename (and re-layout) a transformers ``MimiModel`` state dict (no ``codec_model.`` prefix) to

@@ -15,6 +15,7 @@ from csm.errors import CsmError
 
 DEFAULT_TOKENIZER_REPO = "unsloth/Llama-3.2-1B"  # ungated copy of meta-llama/Llama-3.2-1B's tokenizer
 TOKENIZER_ENV = "CSM_TOKENIZER"
+TOKENIZER_FILE = "tokenizer.json"
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
 
@@ -27,7 +28,7 @@ class TextTokenizer:
             raise CsmError(f"the tokenizer has no {BOS} / {EOS} tokens: it is not a Llama-3 tokenizer")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TextTokenizer":
+    def from_file(cls, path: str | Path) -> TextTokenizer:
         from tokenizers import Tokenizer
 
         try:
@@ -46,15 +47,16 @@ class TextTokenizer:
 def load_tokenizer(model_dir: Path | None, tokenizer: str | None = None) -> TextTokenizer:
     """`tokenizer` (a tokenizer.json, a folder holding one, or a Hub repo id), else the model
     folder's tokenizer.json, else $CSM_TOKENIZER, else the Hub (`unsloth/Llama-3.2-1B`)."""
-    source = tokenizer or (str(model_dir / "tokenizer.json") if model_dir and (model_dir / "tokenizer.json").is_file() else None)
+    in_model_dir = model_dir / TOKENIZER_FILE if model_dir else None
+    source = tokenizer or (str(in_model_dir) if in_model_dir and in_model_dir.is_file() else None)
     source = source or os.environ.get(TOKENIZER_ENV) or DEFAULT_TOKENIZER_REPO
     path = Path(source)
     if path.is_dir():
-        path = path / "tokenizer.json"
+        path = path / TOKENIZER_FILE
     if path.is_file():
         return TextTokenizer.from_file(path)
     if path.suffix == ".json" or source.startswith((".", "/")) or source.count("/") != 1:
         raise CsmError(f"tokenizer not found: {source}")
     from csm.hub import hub_file
 
-    return TextTokenizer.from_file(hub_file(source, "tokenizer.json", what="the Llama-3.2 tokenizer"))
+    return TextTokenizer.from_file(hub_file(source, TOKENIZER_FILE, what="the Llama-3.2 tokenizer"))

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -219,7 +219,7 @@ class Watermarker:
         self.device = device
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, device: str = "cpu") -> "Watermarker":
+    def load(cls, path: str | os.PathLike | None = None, device: str = "cpu") -> Watermarker:
         """Resolve the weights (see `resolve_watermark_dir`) and load them on `device` (CPU by
         default; MPS is mapped to CPU because silentcipher does not run there)."""
         import torch

@@ -17,7 +17,8 @@ torch tensors or numpy arrays, whichever the caller holds (both have ``reshape``
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from csm.config import CsmConfig
 from csm.errors import CheckpointError
@@ -49,7 +50,8 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
         ("codebook0_head.weight", "codebook0_head.weight"),
         ("audio_head", "audio_head"),
         *[(f"{s}.norm.scale", f"{s}.norm.weight") for s in _STACKS],
-        *[(f"{s}.layers.{{n}}.{theirs}", f"{s}.layers.{{n}}.{ours}") for s in _STACKS for theirs, ours in _LAYER_OFFICIAL],
+        *[(f"{s}.layers.{{n}}.{theirs}", f"{s}.layers.{{n}}.{ours}")
+          for s in _STACKS for theirs, ours in _LAYER_OFFICIAL],
     ],
     "transformers": [
         ("embed_text_tokens.weight", "text_embeddings.weight"),
@@ -61,7 +63,8 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
         ("lm_head.weight", "codebook0_head.weight"),
         ("depth_decoder.codebooks_head.weight", "audio_head"),
         *[(f"{_TRANSFORMERS_STACK[s]}.norm.weight", f"{s}.norm.weight") for s in _STACKS],
-        *[(f"{_TRANSFORMERS_STACK[s]}.layers.{{n}}.{x}", f"{s}.layers.{{n}}.{x}") for s in _STACKS for x in _LAYER_SUFFIXES],
+        *[(f"{_TRANSFORMERS_STACK[s]}.layers.{{n}}.{x}", f"{s}.layers.{{n}}.{x}")
+          for s in _STACKS for x in _LAYER_SUFFIXES],
     ],
     "csm": [(name, name) for name in (
         "text_embeddings.weight", "audio_embeddings.weight", "projection.weight", "codebook0_head.weight",
@@ -212,7 +215,8 @@ def check_complete(found: Mapping[str, tuple[int, ...]], config: CsmConfig, sour
     problems = []
     missing = [n for n in expected if n not in found]
     extra = [n for n in found if n not in expected]
-    wrong = [f"{n}: {tuple(found[n])} (expected {expected[n]})" for n in expected if n in found and tuple(found[n]) != expected[n]]
+    wrong = [f"{n}: {tuple(found[n])} (expected {expected[n]})"
+             for n in expected if n in found and tuple(found[n]) != expected[n]]
     for label, items in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)):
         if items:
             shown = ", ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")

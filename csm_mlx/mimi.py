@@ -15,8 +15,16 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from csm.errors import CheckpointError
-from csm.mimi_files import FRAME_SIZE, KYUTAI_FILE, NUM_CODEBOOKS, read_codec_config, read_codec_state, resolve_mimi_weights
 from csm.mimi_codec import MimiCodecBase, StreamingDecoder, share_weights_copy
+from csm.mimi_files import (
+    FRAME_SIZE,
+    KYUTAI_FILE,
+    NUM_CODEBOOKS,
+    codec_num_heads,
+    read_codec_config,
+    read_codec_state,
+    resolve_mimi_weights,
+)
 from csm.mimi_names import transformers_to_original
 
 
@@ -27,7 +35,7 @@ def _load_original_file(model, path: Path, source: str) -> None:
         raise CheckpointError(f"the Mimi weights of {source} do not fit kyutai's Mimi: {exc}") from None
 
 
-def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = None) -> "MimiCodec":
+def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = None) -> MimiCodec:
     from moshi_mlx.models.mimi import Mimi, mimi_202407
 
     kind, location = resolve_mimi_weights(model_dir, mimi)
@@ -35,7 +43,7 @@ def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = Non
     if kind == KYUTAI_FILE:
         _load_original_file(model, location, str(location))
     else:
-        num_heads = (read_codec_config(location) or {}).get("num_attention_heads") or 8
+        num_heads = codec_num_heads(read_codec_config(location))
         state = transformers_to_original(read_codec_state(location, "mlx"), num_heads=num_heads)
         # moshi_mlx reads original-name weights from a file only: hand them over as one
         with tempfile.TemporaryDirectory() as tmp:

@@ -70,7 +70,8 @@ class Transformer(nn.Module):
 
 
 class Model(nn.Module):
-    """The CSM parameters and the pieces of one frame; the frame loop lives in `generator.py`."""
+    """The CSM parameters and the pieces of one frame (embeddings, stacks, heads); the backend's
+    frame loop drives them."""
 
     def __init__(self, config: CsmConfig):
         super().__init__()

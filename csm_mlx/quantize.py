@@ -32,7 +32,7 @@ class QuantizedCodebookHeads(nn.Module):
         self.biases = mx.zeros((num_heads, vocab, dims // group_size))
 
     @classmethod
-    def from_float(cls, audio_head: mx.array, group_size: int, bits: int) -> "QuantizedCodebookHeads":
+    def from_float(cls, audio_head: mx.array, group_size: int, bits: int) -> QuantizedCodebookHeads:
         num_heads, dims, vocab = audio_head.shape
         heads = cls(num_heads, dims, vocab, group_size, bits)
         # [31, D, V] -> [31, V, D]: quantize along D
@@ -50,7 +50,8 @@ def check_quantization(bits: int, group_size: int, model) -> None:
     if bits not in BITS:
         raise CsmError(f"cannot quantize to {bits} bits; use --quantize 4 or 8")
     if group_size not in GROUP_SIZES:
-        raise CsmError(f"group size {group_size} is not supported by MLX; use one of {', '.join(map(str, GROUP_SIZES))}")
+        sizes = ", ".join(map(str, GROUP_SIZES))
+        raise CsmError(f"group size {group_size} is not supported by MLX; use one of {sizes}")
     c = model.config
     widths = {c.backbone.hidden_size, c.decoder.hidden_size, c.backbone.intermediate_size, c.decoder.intermediate_size,
               c.backbone.num_heads * c.backbone.head_dim, c.decoder.num_heads * c.decoder.head_dim}

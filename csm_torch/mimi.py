@@ -1,8 +1,9 @@
 """The Mimi audio codec (kyutai) for the PyTorch backend, through moshi's own implementation.
 
-CSM-1B speaks in Mimi codes: 24 kHz mono audio, 12.5 frames/s (1920 samples per frame), 32
-codebooks of 2048 codes. Weights come from kyutai's original checkpoint file, or from the
-``codec_model.*`` tensors of a transformers-format CSM checkpoint (mapped by csm/mimi_names.py).
+CSM-1B speaks in Mimi codes (24 kHz mono audio, 1920 samples per frame, 32 codebooks of 2048
+codes: the numbers are defined in `csm.mimi_files`). Weights come from kyutai's original checkpoint
+file, or from the ``codec_model.*`` tensors of a transformers-format CSM checkpoint (mapped by
+`csm.mimi_names`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,18 @@ from moshi.utils.compile import no_cuda_graph
 from csm.errors import CheckpointError
 from csm.mimi_codec import MimiCodecBase, StreamingDecoder, share_weights_copy
 from csm.mimi_files import (  # noqa: F401  (re-exported: the torch codec's public names)
-    CODEC_PREFIX, FRAME_SIZE, KYUTAI_FILE, MIMI_FILE, MIMI_REPO, NUM_CODEBOOKS, SAMPLE_RATE, TRANSFORMERS,
-    read_codec_config, read_codec_state, resolve_mimi_weights,
+    CODEC_PREFIX,
+    FRAME_SIZE,
+    KYUTAI_FILE,
+    MIMI_FILE,
+    MIMI_REPO,
+    NUM_CODEBOOKS,
+    SAMPLE_RATE,
+    TRANSFORMERS,
+    codec_num_heads,
+    read_codec_config,
+    read_codec_state,
+    resolve_mimi_weights,
 )
 from csm.mimi_names import transformers_to_original
 
@@ -89,7 +100,7 @@ def load_state_into_moshi(model, state: dict[str, torch.Tensor], source: str) ->
         raise CheckpointError(f"the Mimi weights of {source} do not fit kyutai's Mimi: {'; '.join(parts)}")
 
 
-def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = None, device="cpu") -> "MimiCodec":
+def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = None, device="cpu") -> MimiCodec:
     kind, location = resolve_mimi_weights(model_dir, mimi)
     if kind == KYUTAI_FILE:
         from safetensors.torch import load_file
@@ -104,8 +115,7 @@ def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = Non
         codec_config = read_codec_config(location)
         if codec_config is not None:
             check_codec_config(codec_config, f"{location}/config.json")
-        num_heads = (codec_config or {}).get("num_attention_heads") or 8
-        state = transformers_to_original(read_codec_state(location), num_heads=num_heads)
+        state = transformers_to_original(read_codec_state(location), num_heads=codec_num_heads(codec_config))
         model = _build_moshi_mimi(device)
         load_state_into_moshi(model, state, str(location))
     model.set_num_codebooks(NUM_CODEBOOKS)

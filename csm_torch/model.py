@@ -35,7 +35,8 @@ def rope_frequencies(t: TransformerConfig) -> torch.Tensor:
     low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+              / (s.high_freq_factor - s.low_freq_factor))
     scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
     blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
     is_medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
@@ -115,8 +116,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, input_pos=None, cache: KVCache | None = None):
         b, n, _ = x.shape
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(
-                [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1)
+            kv_width = self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
@@ -203,7 +204,8 @@ class Transformer(nn.Module):
 
 
 class Model(nn.Module):
-    """The CSM parameters and the pieces of one frame; the frame loop lives in `generator.py`."""
+    """The CSM parameters and the pieces of one frame (embeddings, stacks, heads); the backend's
+    frame loop drives them."""
 
     def __init__(self, config: CsmConfig):
         super().__init__()
@@ -215,7 +217,9 @@ class Model(nn.Module):
         self.decoder = Transformer(d, config.audio_num_codebooks)
         self.projection = nn.Linear(b.hidden_size, d.hidden_size, bias=False)
         self.codebook0_head = nn.Linear(b.hidden_size, config.audio_vocab_size, bias=False)
-        self.audio_head = nn.Parameter(torch.empty(config.audio_num_codebooks - 1, d.hidden_size, config.audio_vocab_size))
+        self.audio_head = nn.Parameter(
+            torch.empty(config.audio_num_codebooks - 1, d.hidden_size, config.audio_vocab_size)
+        )
         self.register_buffer(
             "codebook_offsets", torch.arange(config.audio_num_codebooks) * config.audio_vocab_size, persistent=False
         )
@@ -237,7 +241,7 @@ class Model(nn.Module):
         """Logits of codebook i >= 1 from the decoder's hidden state [..., D_dec]."""
         return decoder_hidden @ self.audio_head[codebook - 1]
 
-    def fuse_projections(self, after_each_layer: Callable[[], None] | None = None) -> "Model":
+    def fuse_projections(self, after_each_layer: Callable[[], None] | None = None) -> Model:
         """Fuse q/k/v and gate/up weights of both stacks for inference (see `Attention.fuse`),
         layer by layer, each layer's separate weights dropped before the next is fused;
         `after_each_layer` can hand the freed memory back (see `csm_torch.loading`)."""
@@ -250,7 +254,9 @@ class Model(nn.Module):
         return self
 
     # --- training -------------------------------------------------------------------------------
-    def forward_train(self, tokens: torch.Tensor, mask: torch.Tensor, audio_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_train(
+        self, tokens: torch.Tensor, mask: torch.Tensor, audio_codes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits.
 
         tokens, mask [B, T, 33] is the whole sequence; audio_codes [B, N, 32] are the codes of the

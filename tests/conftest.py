@@ -44,7 +44,8 @@ def _convert_dir(src: Path, dst: Path, fmt: str) -> Path:
     from fakes.csm_models import write_json
 
     ckpt = open_checkpoint(src)
-    state = {name: t.contiguous().clone() for name, t in convert_state(iter_tensors(ckpt), ckpt.format, fmt, ckpt.config)}
+    converted = convert_state(iter_tensors(ckpt), ckpt.format, fmt, ckpt.config)
+    state = {name: t.contiguous().clone() for name, t in converted}
     dst.mkdir(parents=True, exist_ok=True)
     save_file(state, str(dst / "model.safetensors"))
     write_json(dst / "config.json", ckpt.config.to_dict())
@@ -81,9 +82,8 @@ def tiny_csm_dir(tiny_transformers_dir, tmp_path_factory):
 def tiny_model_dir(tiny_transformers_dir, tmp_path_factory):
     """A complete model folder: tiny transformers weights + tokenizer + a random kyutai Mimi
     file (what moshi loads), as a user's download would be."""
-    from fakes.mimi import save_kyutai_mimi_file
-
     from csm_torch.mimi import MIMI_FILE
+    from fakes.mimi import save_kyutai_mimi_file
 
     dst = tmp_path_factory.mktemp("tiny_model") / "model"
     shutil.copytree(tiny_transformers_dir[0], dst)

@@ -78,7 +78,8 @@ def test_markdown_table_and_results_section(quick_run, capsys):
 
 
 def test_bytes_per_frame_of_csm_1b():
-    """977 M backbone params + 31 x 115 M decoder params = 4.55 G read per frame at batch 1."""
+    """The backbone with its codebook-0 head once (977 M params) and, for codebooks 1..31, the
+    decoder with its projection and one head slice (115 M) 31 times: 4.55 G read per frame."""
     assert params_per_frame(PRESETS["csm-1b"]) == pytest.approx(4.55e9, rel=2e-3)
 
 

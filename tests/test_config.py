@@ -6,7 +6,15 @@ import json
 import pytest
 import torch
 
-from csm.config import FLAVORS, PRESETS, CsmConfig, RopeScaling, TransformerConfig, to_official_dict, to_transformers_dict
+from csm.config import (
+    FLAVORS,
+    PRESETS,
+    CsmConfig,
+    RopeScaling,
+    TransformerConfig,
+    to_official_dict,
+    to_transformers_dict,
+)
 from csm.errors import CsmError
 from csm_torch.model import rope_frequencies
 from fakes.csm_models import tiny_config
@@ -21,7 +29,8 @@ OFFICIAL_HUB_CONFIG = {
     "text_vocab_size": 128256,
 }
 
-# transformers' spelling of the same Llama-3 scaling (CSM_FACTS §1, "RoPE layout trap")
+# transformers' spelling of the same Llama-3 scaling: other numbers, the same wavelength bounds
+# (original / low_freq_factor, original / high_freq_factor), hence the same frequencies
 HF_BACKBONE_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.125, "high_freq_factor": 0.5,
                     "original_max_position_embeddings": 1024}
 HF_DECODER_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.001953125, "high_freq_factor": 0.0078125,
@@ -57,8 +66,11 @@ def hf_csm_1b_dict(v5: bool = True) -> dict:
 
 def assert_csm_1b_dims(c: CsmConfig):
     b, d = c.backbone, c.decoder
-    assert (b.num_layers, b.hidden_size, b.num_heads, b.num_kv_heads, b.head_dim, b.intermediate_size) == (16, 2048, 32, 8, 64, 8192)
-    assert (d.num_layers, d.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size) == (4, 1024, 8, 2, 128, 8192)
+    def dims(t: TransformerConfig) -> tuple:
+        return t.num_layers, t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size
+
+    assert dims(b) == (16, 2048, 32, 8, 64, 8192)
+    assert dims(d) == (4, 1024, 8, 2, 128, 8192)
     assert b.rope_theta == d.rope_theta == 500000.0
     assert b.norm_eps == d.norm_eps == 1e-5
     assert (c.text_vocab_size, c.audio_vocab_size, c.audio_num_codebooks, c.frame_width) == (128256, 2051, 32, 33)
@@ -84,6 +96,23 @@ def test_transformers_config_parses_both_rope_spellings(v5):
     assert c.backbone.max_seq_len == 2048
     assert c.backbone.rope_scaling == RopeScaling(32.0, 0.125, 0.5, 1024)
     assert c.decoder.rope_scaling == RopeScaling(32.0, 0.001953125, 0.0078125, 16)
+
+
+def test_keys_a_config_leaves_out_take_csm_1b_defaults():
+    official = {k: v for k, v in OFFICIAL_HUB_CONFIG.items() if k.endswith("_flavor")}
+    assert CsmConfig.from_dict(official) == PRESETS["csm-1b"]
+    d = hf_csm_1b_dict()
+    for key in ("text_vocab_size", "vocab_size", "num_codebooks"):
+        del d[key]
+    for stack in (d, d["depth_decoder_config"]):
+        for key in ("head_dim", "max_position_embeddings", "rms_norm_eps"):
+            del stack[key]
+        del stack["rope_parameters"]["rope_theta"]
+    c = CsmConfig.from_dict(d)
+    assert (c.text_vocab_size, c.audio_vocab_size, c.audio_num_codebooks) == (128256, 2051, 32)
+    for t in (c.backbone, c.decoder):
+        assert (t.max_seq_len, t.norm_eps, t.rope_theta) == (2048, 1e-5, 500000.0)
+    assert (c.backbone.head_dim, c.decoder.head_dim) == (64, 128)
 
 
 def test_transformers_v4_and_v5_spellings_agree():
@@ -131,7 +160,9 @@ def test_own_dict_round_trip(config, tmp_path):
 
 
 def test_own_dict_without_rope_scaling_round_trips():
-    t = TransformerConfig(num_layers=1, hidden_size=8, num_heads=2, num_kv_heads=1, intermediate_size=16, rope_scaling=None)
+    t = TransformerConfig(
+        num_layers=1, hidden_size=8, num_heads=2, num_kv_heads=1, intermediate_size=16, rope_scaling=None
+    )
     c = CsmConfig(backbone=t, decoder=t, text_vocab_size=10)
     assert CsmConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 

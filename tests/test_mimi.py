@@ -341,7 +341,9 @@ def test_unknown_tensor_name_raises():
 def test_unknown_codec_tensor_in_checkpoint_raises(tmp_path):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    _tiny_safetensors(model_dir / "model.safetensors", ["codec_model.encoder.layers.0.conv.weight", "codec_model.bogus.w"])
+    _tiny_safetensors(
+        model_dir / "model.safetensors", ["codec_model.encoder.layers.0.conv.weight", "codec_model.bogus.w"]
+    )
     with pytest.raises(CheckpointError, match=r"bogus\.w"):
         M.load_mimi(model_dir)
 

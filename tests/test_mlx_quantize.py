@@ -61,7 +61,9 @@ def float_logits(float_dir):
 
 
 @pytest.mark.parametrize("bits, group_size, min_cosine", [(8, 64, 0.99), (4, 32, 0.95)])
-def test_quantized_folder_loads_without_flags_and_stays_close(float_dir, float_logits, tmp_path, bits, group_size, min_cosine):
+def test_quantized_folder_loads_without_flags_and_stays_close(
+    float_dir, float_logits, tmp_path, bits, group_size, min_cosine
+):
     dst = convert(float_dir, tmp_path / f"q{bits}", "mlx", quantize=bits, group_size=group_size)
     config = json.loads((dst / "config.json").read_text())
     assert (config["quantization"]["group_size"], config["quantization"]["bits"]) == (group_size, bits)
@@ -100,7 +102,8 @@ def test_float_mlx_folder_loads_in_both_backends(float_dir, tmp_path):
     dst = convert(float_dir, tmp_path / "mlx", "mlx")
     assert "quantization" not in json.loads((dst / "config.json").read_text())
     ours = load_mlx(dst).generate_codes(TEXT, topk=1, max_audio_length_ms=640)
-    theirs = csm.load(dst, backend="torch", device="cpu", dtype="float32").generate_codes(TEXT, topk=1, max_audio_length_ms=640)
+    torch_gen = csm.load(dst, backend="torch", device="cpu", dtype="float32")
+    theirs = torch_gen.generate_codes(TEXT, topk=1, max_audio_length_ms=640)
     np.testing.assert_array_equal(ours, theirs)
 
 
@@ -123,7 +126,8 @@ def test_convert_script_writes_a_quantized_folder(float_dir, tmp_path):
 
     from csm.convert import main
 
-    r = CliRunner().invoke(main, [str(float_dir), str(tmp_path / "q8"), "--to", "mlx", "--quantize", "8", "--group-size", "32"])
+    args = [str(float_dir), str(tmp_path / "q8"), "--to", "mlx", "--quantize", "8", "--group-size", "32"]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     config = json.loads((tmp_path / "q8" / "config.json").read_text())
     assert config["quantization"]["bits"] == 8 and config["quantization"]["group_size"] == 32

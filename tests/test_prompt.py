@@ -1,4 +1,6 @@
-"""The text template and the prompt frames (CSM_FACTS §2)."""
+"""The text template and the prompt frames: a turn's text is `[speaker]text` between
+<|begin_of_text|> and <|end_of_text|>; a context segment is its text frames, then its audio frames
+and one all-zero end-of-audio frame; the turn to speak comes last, as text frames only."""
 
 import numpy as np
 import pytest
@@ -74,7 +76,8 @@ def test_prompt_with_audio_context(tokenizer):
 def test_prompt_with_text_only_context(tokenizer):
     ctx = [(Segment(0, "no audio here"), None), (Segment(4, "nor here"), None)]
     prompt = build_prompt(tokenizer, "now speak", 0, ctx, NUM_CODEBOOKS)
-    ids = tokenizer.encode_turn("no audio here", 0) + tokenizer.encode_turn("nor here", 4) + tokenizer.encode_turn("now speak", 0)
+    ids = [*tokenizer.encode_turn("no audio here", 0), *tokenizer.encode_turn("nor here", 4),
+           *tokenizer.encode_turn("now speak", 0)]
     _assert_text_frames(prompt.tokens, prompt.mask, ids)
 
 

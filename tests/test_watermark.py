@@ -71,7 +71,9 @@ def test_parse_key():
     assert format_key(PUBLIC_KEY) == "212,211,146,56,201"
 
 
-@pytest.mark.parametrize("text", ["", "1,2,3,4", "1,2,3,4,5,6", "1,2,3,4,256", "1,2,-1,4,5", "a,b,c,d,e", "1,,3,4,5", "1;2;3;4;5"])
+@pytest.mark.parametrize(
+    "text", ["", "1,2,3,4", "1,2,3,4,5,6", "1,2,3,4,256", "1,2,-1,4,5", "a,b,c,d,e", "1,,3,4,5", "1;2;3;4;5"]
+)
 def test_parse_key_errors(text):
     with pytest.raises(CsmError, match="0..255"):
         parse_key(text)

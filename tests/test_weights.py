@@ -14,8 +14,15 @@ import csm
 from csm.checkpoint import SAFETENSORS_INDEX, open_checkpoint
 from csm.errors import CheckpointError, CsmError
 from csm.weights import (
-    FORMATS, check_complete, convert_state, detect_format, expected_shapes, from_csm_name, half_to_interleaved,
-    interleaved_to_half, to_csm_name,
+    FORMATS,
+    check_complete,
+    convert_state,
+    detect_format,
+    expected_shapes,
+    from_csm_name,
+    half_to_interleaved,
+    interleaved_to_half,
+    to_csm_name,
 )
 from fakes.csm_models import tiny_config, write_json
 
@@ -156,9 +163,12 @@ def test_convert_state_round_trips_through_every_format():
     official = dict(convert_state(state.items(), "csm", "official", CONFIG))
     q = "backbone.layers.0.self_attn.q_proj.weight"
     k = "decoder.layers.1.self_attn.k_proj.weight"
-    assert torch.equal(official["backbone.layers.0.attn.q_proj.weight"], half_to_interleaved(state[q], CONFIG.backbone.num_heads))
-    assert torch.equal(official["decoder.layers.1.attn.k_proj.weight"], half_to_interleaved(state[k], CONFIG.decoder.num_kv_heads))
-    assert torch.equal(official["backbone.layers.0.attn.v_proj.weight"], state["backbone.layers.0.self_attn.v_proj.weight"])
+    q_official = official["backbone.layers.0.attn.q_proj.weight"]
+    assert torch.equal(q_official, half_to_interleaved(state[q], CONFIG.backbone.num_heads))
+    k_official = official["decoder.layers.1.attn.k_proj.weight"]
+    assert torch.equal(k_official, half_to_interleaved(state[k], CONFIG.decoder.num_kv_heads))
+    v_official = official["backbone.layers.0.attn.v_proj.weight"]
+    assert torch.equal(v_official, state["backbone.layers.0.self_attn.v_proj.weight"])
 
 
 # --- format detection and completeness ------------------------------------------------------------
@@ -205,7 +215,8 @@ def _copy_meta(src, dst):
 
 
 def test_open_checkpoint_detects_each_layout(tiny_transformers_dir, tiny_official_dir, tiny_csm_dir):
-    for path, fmt in ((tiny_transformers_dir[0], "transformers"), (tiny_official_dir, "official"), (tiny_csm_dir, "csm")):
+    layouts = ((tiny_transformers_dir[0], "transformers"), (tiny_official_dir, "official"), (tiny_csm_dir, "csm"))
+    for path, fmt in layouts:
         ckpt = open_checkpoint(path)
         assert ckpt.format == fmt
         assert ckpt.config == CONFIG

@@ -9,8 +9,10 @@ from csm.cli.common import entry_point
 from csm.cli.generate import make_command
 
 QUANTIZE = click.option(
-    "--quantize", type=click.Choice(["4", "8"]), callback=lambda ctx, param, value: None if value is None else int(value),
-    help="Quantize float weights to 4 or 8 bits at load (folders from `convert_weights.py --to mlx --quantize` need no flag).",
+    "--quantize", type=click.Choice(["4", "8"]),
+    callback=lambda ctx, param, value: None if value is None else int(value),
+    help="Quantize float weights to 4 or 8 bits at load "
+         "(folders from `convert_weights.py --to mlx --quantize` need no flag).",
 )
 
 command = make_command(backend="mlx", name="csm-generate-mlx", extra_options=[QUANTIZE])

@@ -17,7 +17,9 @@ def import_sounddevice():
     try:
         import sounddevice
     except (ImportError, OSError) as exc:  # no PortAudio raises OSError at import
-        raise CsmError(f"cannot play audio: {exc}. Install PortAudio (e.g. apt install libportaudio2) or use -o FILE") from None
+        raise CsmError(
+            f"cannot play audio: {exc}. Install PortAudio (e.g. apt install libportaudio2) or use -o FILE"
+        ) from None
     return sounddevice
 
 
@@ -87,7 +89,7 @@ class ChunkPlayer:
         self._stream.stop()  # returns once the device's last buffers have played
         self._stream.close()
 
-    def __enter__(self) -> "ChunkPlayer":
+    def __enter__(self) -> ChunkPlayer:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+
 import click
 
 from csm.cli.common import entry_point

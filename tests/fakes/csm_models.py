@@ -38,7 +38,9 @@ def write_tokenizer(path: Path) -> Path:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
     bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
     return path / "tokenizer.json"

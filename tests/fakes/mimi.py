@@ -25,7 +25,7 @@ def _fill_codebooks(model: torch.nn.Module, gen: torch.Generator, scale: float) 
         elif name.endswith("_initialized") or name.endswith("codebook.initialized"):
             buf.fill_(1.0)
     for module in model.modules():  # drop cached embeddings derived from the old buffers
-        if hasattr(module, "_embedding") and isinstance(getattr(module, "_embedding"), torch.Tensor):
+        if hasattr(module, "_embedding") and isinstance(module._embedding, torch.Tensor):
             module._embedding = None
         if hasattr(module, "_cached_initialized"):
             module._cached_initialized = False

@@ -65,7 +65,9 @@ def make_random_watermark_dir(path: str | Path, seed: int = 0, snapshot_layout: 
         message_band_size=hp.message_band_size,
         n_fft=hp.N_FFT,
     )
-    dec_c = CarrierDecoder(config=hp, conv_dim=32 * 3, n_layers=hp.dec_c_n_layers, message_band_size=hp.message_band_size)
+    dec_c = CarrierDecoder(
+        config=hp, conv_dim=32 * 3, n_layers=hp.dec_c_n_layers, message_band_size=hp.message_band_size
+    )
     torch.save(enc_c.state_dict(), folder / "enc_c.ckpt")
     torch.save(dec_c.state_dict(), folder / "dec_c.ckpt")
     for i in range(hp.n_messages):
