@@ -10,8 +10,8 @@ and `sync()` waits for the device. csm's own frame loops (torch or MLX) and tran
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 

@@ -9,9 +9,9 @@ backend's own `load_model`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from csm.config import PRESETS, CsmConfig, TransformerConfig
 from csm.errors import CsmError
@@ -72,7 +72,7 @@ class ModelSource:
         return f"{self.path}" if self.path else f"{describe(self.config)}, random weights (seed {self.seed})"
 
 
-def random_tensors(config: CsmConfig, seed: int) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+def random_tensors(config: CsmConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:  # noqa: F821
     """(csm name, float32 CPU tensor) for every parameter, drawn in a fixed order."""
     import torch
 

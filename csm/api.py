@@ -10,18 +10,19 @@ watermark) and runs every generation through `csm.engine`; the backend owns the 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from csm.audio import MODEL_SAMPLE_RATE
 from csm.backends import create_backend, select_backend
 from csm.checkpoint import open_checkpoint
+from csm.engine import Engine
 from csm.errors import CsmError
 from csm.hub import DEFAULT_MODEL, resolve_model
 from csm.mimi_files import CODEBOOK_SIZE
-from csm.engine import Engine
 from csm.prompt import Frames, Segment, build_prompt
 from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOPK, Sampling
 from csm.streaming import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES
@@ -283,7 +284,7 @@ def load(
     return Generator(create_backend(name, ckpt, device, dtype, mimi, quantize, compile), text_tokenizer, watermark_model)
 
 
-def load_csm_1b(device: str = "cuda", model: str | Path = DEFAULT_MODEL, **kwargs) -> "SesameGenerator":
+def load_csm_1b(device: str = "cuda", model: str | Path = DEFAULT_MODEL, **kwargs) -> SesameGenerator:
     """Sesame's `load_csm_1b(device)`: the torch backend, wrapped so that `generate` returns 1-D
     float32 torch tensors on `device` (Sesame's contract); the numpy Generator is `.generator`."""
     from csm.sesame import SesameGenerator

@@ -12,10 +12,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from csm.config import PRESETS, CsmConfig
 from csm.errors import CheckpointError, CsmError, read_json
@@ -162,7 +163,7 @@ class _PagedReader:
         self._get: Callable[[str], Any] | None = None
         self._read = 0
 
-    def __enter__(self) -> "_PagedReader":
+    def __enter__(self) -> _PagedReader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -33,7 +33,8 @@ import secrets
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class Request:
     `joined_frame` is the engine's frame count when it joined the batch, and `slot` the batch row
     it took (both None before)."""
 
-    def __init__(self, engine: "Engine", sampling: Sampling, seed: int, first_block: int,
+    def __init__(self, engine: Engine, sampling: Sampling, seed: int, first_block: int,
                  plan: ChunkPlan | None, watermark_key: tuple[int, ...] | None):
         self.sampling = sampling
         self.seed = seed
@@ -213,7 +214,7 @@ class Request:
 class Engine:
     """Continuous batching over one backend frame loop of `max_batch_size` slots."""
 
-    def __init__(self, generator: "Generator", max_batch_size: int = 8, max_queue: int = 64,
+    def __init__(self, generator: Generator, max_batch_size: int = 8, max_queue: int = 64,
                  background: bool = True):
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -307,7 +308,7 @@ class Engine:
                     self._slots[slot] = None
             self._loop = None
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:

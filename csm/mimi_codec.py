@@ -51,14 +51,14 @@ class MimiCodecBase(ABC):
         """Codes [T, 32] -> float32 audio [T * 1920]."""
         return self._decode(check_codes_shape(codes))
 
-    def streaming_decoder(self) -> "StreamingDecoder":
+    def streaming_decoder(self) -> StreamingDecoder:
         """A decoder for one clip, fed a block of codes at a time, with a state of its own; close
         it (or use `with`) when done."""
         with self._replica_lock:
             replica = self._spare_replicas.pop() if self._spare_replicas else self._replicate()
         return replica._open_stream(home=self)
 
-    def _give_back(self, replica: "MimiCodecBase") -> None:
+    def _give_back(self, replica: MimiCodecBase) -> None:
         with self._replica_lock:
             self._spare_replicas.append(replica)
 
@@ -69,11 +69,11 @@ class MimiCodecBase(ABC):
     def _decode(self, codes: np.ndarray) -> np.ndarray: ...
 
     @abstractmethod
-    def _replicate(self) -> "MimiCodecBase":
+    def _replicate(self) -> MimiCodecBase:
         """A codec over a copy of this one's modules sharing its weights (a state of its own)."""
 
     @abstractmethod
-    def _open_stream(self, home: "MimiCodecBase") -> "StreamingDecoder":
+    def _open_stream(self, home: MimiCodecBase) -> StreamingDecoder:
         """A stream on this codec (a replica), handed back to `home` when it closes."""
 
 
@@ -102,7 +102,7 @@ class StreamingDecoder(ABC):
         self._release()
         self._home._give_back(self._codec)
 
-    def __enter__(self) -> "StreamingDecoder":
+    def __enter__(self) -> StreamingDecoder:
         return self
 
     def __exit__(self, *exc) -> None:

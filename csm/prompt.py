@@ -54,7 +54,7 @@ class Frames:
     mask: np.ndarray  # [T, 33] bool
 
     @staticmethod
-    def concat(parts: list["Frames"]) -> "Frames":
+    def concat(parts: list[Frames]) -> Frames:
         return Frames(np.concatenate([p.tokens for p in parts]), np.concatenate([p.mask for p in parts]))
 
     def __len__(self) -> int:

@@ -29,11 +29,11 @@ import numbers
 from dataclasses import dataclass
 
 from csm.errors import CsmError
+from csm.mimi_files import FRAME_MS
 
 DEFAULT_TEMPERATURE = 0.9
 DEFAULT_TOPK = 50
 DEFAULT_TOP_P = 1.0
-FRAME_MS = 80  # one Mimi frame: 1920 samples at 24 kHz
 DEFAULT_MAX_AUDIO_LENGTH_MS = 90_000
 
 
@@ -69,7 +69,7 @@ class Sampling:
         """Frames the request may generate at most (80 ms each, at least one)."""
         return max(1, int(self.max_audio_length_ms // FRAME_MS))
 
-    def with_seed(self, seed: int | None) -> "Sampling":
+    def with_seed(self, seed: int | None) -> Sampling:
         return Sampling(self.temperature, self.topk, self.top_p, self.max_audio_length_ms, seed)
 
 

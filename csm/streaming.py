@@ -17,8 +17,8 @@ by itself. The cost is latency: the first audio waits for 1.04 s of speech inste
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 

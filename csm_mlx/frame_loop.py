@@ -21,7 +21,7 @@ frame's graph overlaps computing the last.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np

@@ -3,7 +3,7 @@ the torch backend loads, or a folder converted for MLX, quantized ones included)
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import mlx.core as mx
 

@@ -86,10 +86,10 @@ class MimiCodec(MimiCodecBase):
         m.decoder.reset_state()
         return _mono(m.decoder(latents))
 
-    def _replicate(self) -> "MimiCodec":
+    def _replicate(self) -> MimiCodec:
         return MimiCodec(share_weights_copy(self.model, [a for _, a in tree_flatten(self.model.parameters())]))
 
-    def _open_stream(self, home: "MimiCodec") -> "MimiStreamingDecoder":
+    def _open_stream(self, home: MimiCodec) -> MimiStreamingDecoder:
         return MimiStreamingDecoder(self, home)
 
 

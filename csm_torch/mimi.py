@@ -126,7 +126,7 @@ def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = Non
 class MimiStreamingDecoder(StreamingDecoder):
     """moshi's streaming mode (batch size 1): conv and transformer state carry over between blocks."""
 
-    def __init__(self, codec: "MimiCodec", home: "MimiCodec"):
+    def __init__(self, codec: MimiCodec, home: MimiCodec):
         super().__init__(codec, home)
         self._streaming = codec.model.streaming(1)  # an ExitStack: closing it drops the state
 
@@ -164,8 +164,8 @@ class MimiCodec(MimiCodecBase):
         with torch.inference_mode(), no_cuda_graph():
             return self.model.decode(codes.to(self.device, torch.int64)).float()
 
-    def _replicate(self) -> "MimiCodec":
+    def _replicate(self) -> MimiCodec:
         return MimiCodec(share_weights_copy(self.model, [*self.model.parameters(), *self.model.buffers()]))
 
-    def _open_stream(self, home: "MimiCodec") -> MimiStreamingDecoder:
+    def _open_stream(self, home: MimiCodec) -> MimiStreamingDecoder:
         return MimiStreamingDecoder(self, home)

@@ -17,7 +17,7 @@ Parameter names are csm's canonical names (`csm.weights`).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def rows(self, start: int, stop: int) -> "KVCache":
+    def rows(self, start: int, stop: int) -> KVCache:
         """The cache of rows start:stop (the same memory): a slot's, or a batch bucket's."""
         view = object.__new__(KVCache)
         view.k, view.v = self.k[start:stop], self.v[start:stop]

@@ -15,8 +15,12 @@ VOCAB = 2051
 
 
 def transformers_probs(logits: torch.Tensor, temperature: float, topk: int, top_p: float) -> torch.Tensor:
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(topk)])
     if top_p < 1.0:

@@ -21,7 +21,14 @@ from csm.cli.playback import ChunkPlayer, play
 from csm.errors import CsmError, read_json
 from csm.hub import DEFAULT_MODEL
 from csm.mimi_files import FRAME_SIZE
-from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOPK, FRAME_MS, Sampling
+from csm.sampling import (
+    DEFAULT_MAX_AUDIO_LENGTH_MS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    DEFAULT_TOPK,
+    FRAME_MS,
+    Sampling,
+)
 from csm.streaming import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES
 
 
