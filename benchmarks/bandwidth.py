@@ -10,6 +10,7 @@ pass this batch-1 bound.
 
 from __future__ import annotations
 
+import functools
 import time
 
 from csm.config import CsmConfig, TransformerConfig
@@ -56,7 +57,7 @@ def torch_copy_bandwidth(device, nbytes: int, repeats: int = 10) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     sync = torch.cuda.synchronize if src.device.type == "cuda" else (lambda: None)
-    rate = _best_rate(lambda: dst.copy_(src), sync, nbytes, repeats)
+    rate = _best_rate(functools.partial(dst.copy_, src), sync, nbytes, repeats)
     del src, dst
     return rate
 

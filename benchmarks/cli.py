@@ -88,7 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out = p.add_argument_group("output")
     out.add_argument("--json", type=Path, help="write the rows here (default: csm-bench-<time>.json)")
     out.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
-                     help="run nothing: print (and with --append-results, append) the rows of earlier runs as one table")
+                     help="run nothing: print (and with --append-results, append) the rows of earlier runs "
+                          "as one table")
     out.add_argument("--append-results", nargs="?", const=RESULTS_MD, type=Path, metavar="RESULTS_MD",
                      help=f"append a section to {RESULTS_MD.name} (or the file given)")
     a = p.parse_args(argv)
@@ -200,7 +201,8 @@ def measure_engine_row(make_generator, impl: engines.Impl, streams: int, target:
         generator = make_generator()
         target.meter.reset()
         run = measure.engine_arrivals(generator, prompt_frames(source, a.prompt_tokens), streams,
-                                      a.warmup_frames + a.frames, a.first_chunk, a.chunk, audio=target.codec is not None)
+                                      a.warmup_frames + a.frames, a.first_chunk, a.chunk,
+                                      audio=target.codec is not None)
     except Exception as exc:
         row["error"] = first_line(exc)
         return row
@@ -214,7 +216,8 @@ def measure_engine_row(make_generator, impl: engines.Impl, streams: int, target:
     row["ttfa_max_ms"] = firsts[-1] * 1000
     row["arrival_ms"] = run.arrival_s * 1000
     what = "first audio" if run.audio else f"first codes (no audio: {target.codec_error})"
-    row["notes"] = (f"{streams} streams of {row['frames_timed'] // streams} frames, one every {row['arrival_ms']:.0f} ms; "
+    row["notes"] = (f"{streams} streams of {row['frames_timed'] // streams} frames, "
+                    f"one every {row['arrival_ms']:.0f} ms; "
                     f"{what}: median {row['ttfa_ms']:.0f} ms, worst {row['ttfa_max_ms']:.0f} ms; "
                     "frames/s over first submission to last end")
     return row
@@ -317,7 +320,7 @@ def torch_rows(impls, a, source, device: str, dtype: str, command: str, log) -> 
             if impl.backend == "torch":
                 rows.append(csm_row(impl, batch, model, codec, prompt, target, source, a, command))
             else:
-                make = lambda: engines.TransformersEngine(  # noqa: E731
+                make = lambda impl=impl: engines.TransformersEngine(  # noqa: E731
                     engines.transformers_model(model), prompt_ids(source, a.prompt_tokens),
                     a.warmup_frames + a.frames, static_compile=impl.compile)
                 rows.append(measure_row(make, impl, batch, target, source, a, command))
@@ -435,7 +438,8 @@ def baseline_rows(a: argparse.Namespace, rev: str, log) -> list[dict]:
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
         out = Path(tmp) / "rows.json"
         argv = [sys.executable, "-m", "benchmarks", "--impl", *names, "--batch", "1", "--json", str(out),
-                "--frames", str(a.frames), "--warmup-frames", str(a.warmup_frames), "--prompt-tokens", str(a.prompt_tokens),
+                "--frames", str(a.frames), "--warmup-frames", str(a.warmup_frames),
+                "--prompt-tokens", str(a.prompt_tokens),
                 "--first-chunk", str(a.first_chunk), "--chunk", str(a.chunk), "--seed", str(a.seed)]
         for flag, value in (("--model", a.model), ("--dims", a.dims), ("--device", a.device), ("--mimi", a.mimi),
                             ("--copy-mb", a.copy_mb)):
@@ -449,7 +453,8 @@ def baseline_rows(a: argparse.Namespace, rev: str, log) -> list[dict]:
         done = subprocess.run(argv, cwd=tmp, env={**os.environ, "PYTHONPATH": tmp}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
         if done.returncode != 0 or not out.exists():
-            raise CsmError(f"revision {rev}'s harness failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+            last_error = done.stderr.strip().splitlines()[-1:] or done.returncode
+            raise CsmError(f"revision {rev}'s harness failed: {last_error}")
         rows = json.loads(out.read_text())
     for row in rows:
         row.update(impl=f"{row['impl']}@{rev}", label=f"{row['label']} (at {rev})")

@@ -50,7 +50,8 @@ IMPLS = {i.name: i for i in (
          compile=True, cpu_default=False),
     Impl("csm-torch-eager", "torch", "csm torch, eager", batched=True),
     Impl("csm-torch-compile", "torch", "csm torch, torch.compile per stack", compile=True, batched=True),
-    Impl("csm-torch-graph", "torch", "csm torch, frame as one CUDA graph", cuda_graph=True, batched=True, cuda_only=True),
+    Impl("csm-torch-graph", "torch", "csm torch, frame as one CUDA graph", cuda_graph=True, batched=True,
+         cuda_only=True),
     Impl("csm-torch-graph-compile", "torch", "csm torch, CUDA graph + torch.compile", cuda_graph=True, compile=True,
          batched=True, cuda_only=True),
     # ~2 min of Triton tuning per batch size: asked for by name only
@@ -59,10 +60,12 @@ IMPLS = {i.name: i for i in (
     # csm's engine as csm.load runs it (graphed on CUDA), streams joining a running batch over time
     Impl("csm-torch-engine", "torch", "csm torch engine, streams arriving", batched=True, arrivals=True),
     Impl("csm-mlx", "mlx", "csm mlx, mx.compile", compile=True, batched=True),
-    Impl("csm-mlx-engine", "mlx", "csm mlx engine, streams arriving", compile=True, batched=True, arrivals=True),
+    Impl("csm-mlx-engine", "mlx", "csm mlx engine, streams arriving", compile=True, batched=True,
+         arrivals=True),
     Impl("csm-mlx-eager", "mlx", "csm mlx, no mx.compile"),
     # what the async overlap buys: each frame evaluated before the next is built
-    Impl("csm-mlx-sync", "mlx", "csm mlx, mx.compile, no async overlap", compile=True, overlap=False, cpu_default=False),
+    Impl("csm-mlx-sync", "mlx", "csm mlx, mx.compile, no async overlap", compile=True, overlap=False,
+         cpu_default=False),
 )}
 
 
@@ -120,7 +123,8 @@ def backend(impl: Impl, model, codec=None) -> BenchBackend:
     from csm_torch.frame_loop import TorchFrameLoop
 
     graphed = impl.cuda_graph or (impl.arrivals and next(model.parameters()).device.type == "cuda")
-    return BenchBackend("torch", model, lambda b: TorchFrameLoop(model, b, cuda_graph=graphed, compile=impl.compile), codec)
+    return BenchBackend("torch", model, lambda b: TorchFrameLoop(model, b, cuda_graph=graphed, compile=impl.compile),
+                        codec)
 
 
 def loop_engine(impl: Impl, model, prompt: Frames, batch_size: int) -> FrameLoopEngine:

@@ -39,14 +39,17 @@ for p in model.parameters():
     p.sum()
 peak = high_water_mark()
 params = sum(p.numel() for p in model.parameters())
-print(json.dumps({"baseline_bytes": base, "peak_after_load_bytes": peak_load, "peak_bytes": peak, "load_s": elapsed, "params": params}))
+print(json.dumps({"baseline_bytes": base, "peak_after_load_bytes": peak_load, "peak_bytes": peak, "load_s": elapsed,
+                  "params": params}))
 """
 
 
 def measure(ckpt_dir: Path, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(ckpt_dir), dtype], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(ckpt_dir), dtype], check=True, capture_output=True,
+                         text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    disk = sum(f.stat().st_size for f in ckpt_dir.glob("*.safetensors")) + sum(f.stat().st_size for f in ckpt_dir.glob("*.pt"))
+    disk = (sum(f.stat().st_size for f in ckpt_dir.glob("*.safetensors"))
+            + sum(f.stat().st_size for f in ckpt_dir.glob("*.pt")))
     result |= {
         "disk_bytes": disk,
         "peak_over_disk": result["peak_bytes"] / disk,

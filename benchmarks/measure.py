@@ -50,7 +50,8 @@ def steady_state(engine, short: int, long: int) -> Steady:
     t_long, codes_long = timed(lambda: engine.generate(long), engine.sync)
     frames = sum(map(len, codes_long)) - sum(map(len, codes_short))
     if frames <= 0 or t_long <= t_short:
-        raise RuntimeError(f"no steady state: {frames} more frames in {t_long - t_short:+.3f} s (the engine stopped early?)")
+        raise RuntimeError(f"no steady state: {frames} more frames in {t_long - t_short:+.3f} s "
+                           "(the engine stopped early?)")
     return Steady(setup_s, frames / (t_long - t_short), frames, codes_short)
 
 
@@ -191,7 +192,8 @@ def engine_arrivals(generator, prompt, streams: int, frames: int, first_chunk: i
     plan = ChunkPlan(first_chunk, chunk)
     with Engine(generator, max_batch_size=streams, max_queue=streams) as engine:
         # warm-up: every batch bucket up to `streams` (graph captures, compiles), then one stream alone
-        warm = [engine.submit_prompt(prompt, Sampling(topk=1, max_audio_length_ms=4 * FRAME_MS)) for _ in range(streams)]
+        warm = [engine.submit_prompt(prompt, Sampling(topk=1, max_audio_length_ms=4 * FRAME_MS))
+                for _ in range(streams)]
         for r in warm:
             r.wait()
         t = time.perf_counter()
@@ -202,7 +204,7 @@ def engine_arrivals(generator, prompt, streams: int, frames: int, first_chunk: i
 
         def consume(i: int, request, submitted: float) -> None:
             source = iter(request) if audio else request.blocks()
-            for block in source:
+            for _ in source:
                 if firsts[i] is None:
                     firsts[i] = time.perf_counter() - submitted
             counts[i] = request.frames

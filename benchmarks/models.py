@@ -21,7 +21,8 @@ from csm.weights import expected_shapes
 WEIGHT_STD = 0.02  # like a trained Llama's; logits then spread enough that greedy codes vary
 
 
-def _stack(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, max_seq_len: int) -> TransformerConfig:
+def _stack(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int,
+           max_seq_len: int) -> TransformerConfig:
     return TransformerConfig(num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
                              intermediate_size=intermediate, max_seq_len=max_seq_len)
 
@@ -56,7 +57,8 @@ def describe(config: CsmConfig) -> str:
         if preset == config:
             return name
     b, d = config.backbone, config.decoder
-    return ",".join(f"{t.num_layers}x{t.hidden_size}x{t.num_heads}x{t.num_kv_heads}x{t.intermediate_size}" for t in (b, d))
+    return ",".join(f"{t.num_layers}x{t.hidden_size}x{t.num_heads}x{t.num_kv_heads}x{t.intermediate_size}"
+                    for t in (b, d))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from csm.config import PRESETS, CsmConfig, to_official_dict, to_transformers_dic
 from csm.weights import expected_shapes, from_csm_name
 
 
-def write_random_checkpoint(out: Path, config: CsmConfig, fmt: str = "official", dtype=torch.bfloat16, seed: int = 0) -> Path:
+def write_random_checkpoint(out: Path, config: CsmConfig, fmt: str = "official", dtype=torch.bfloat16,
+                            seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -27,7 +28,8 @@ def write_random_checkpoint(out: Path, config: CsmConfig, fmt: str = "official",
             t = (torch.randn(shape, generator=gen, dtype=torch.float32) / fan_in**0.5).to(dtype)
         tensors[from_csm_name(name, fmt)] = t  # random weights: no RoPE permutation needed
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config_dict = {"official": to_official_dict, "transformers": to_transformers_dict}.get(fmt, CsmConfig.to_dict)(config)
+    to_dict = {"official": to_official_dict, "transformers": to_transformers_dict}.get(fmt, CsmConfig.to_dict)
+    config_dict = to_dict(config)
     (out / "config.json").write_text(json.dumps(config_dict, indent=2))
     return out
 

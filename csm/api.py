@@ -125,7 +125,7 @@ class Generator:
             raise CsmError(f"give one speaker and one context per text: {len(texts)} texts, "
                            f"{len(speakers)} speakers, {len(contexts)} contexts")
         sampling = Sampling(temperature, topk, top_p, max_audio_length_ms, seed)
-        prompts = [self.prompt(t, s, c) for t, s, c in zip(texts, speakers, contexts)]
+        prompts = [self.prompt(t, s, c) for t, s, c in zip(texts, speakers, contexts, strict=True)]
         engine = self._engine_for(len(prompts))
         requests = [engine.submit_prompt(p, sampling.with_seed(None if seed is None else seed + i))
                     for i, p in enumerate(prompts)]
@@ -174,7 +174,8 @@ class Generator:
             return np.zeros(0, dtype=np.float32)
         return self._backend.decode_audio(codes)
 
-    def prepare_audio(self, watermark: bool = True, watermark_key: Sequence[int] | None = None) -> tuple[int, ...] | None:
+    def prepare_audio(self, watermark: bool = True,
+                      watermark_key: Sequence[int] | None = None) -> tuple[int, ...] | None:
         """Load what audio output needs (Mimi, and silentcipher when watermarking) so a missing
         piece fails before the first frame, not after the last; returns the watermark key to use."""
         key = None
@@ -183,7 +184,7 @@ class Generator:
 
             key = validate_key(watermark_key or PUBLIC_KEY)
             self._loaded_watermarker()
-        self._backend.codec
+        self._backend.load_codec()
         return key
 
     def _loaded_watermarker(self):
@@ -221,7 +222,8 @@ class Generator:
     ) -> np.ndarray:
         """Generate, decode and watermark: float32 mono audio at 24 kHz."""
         key = self.prepare_audio(watermark, watermark_key)
-        codes = self.generate_codes(text, speaker, context, max_audio_length_ms, temperature, topk, top_p, seed, on_frame)
+        codes = self.generate_codes(text, speaker, context, max_audio_length_ms, temperature, topk, top_p, seed,
+                                    on_frame)
         return self._finish(codes, key)
 
     def _finish(self, codes: np.ndarray, watermark_key: tuple[int, ...] | None) -> np.ndarray:
@@ -281,7 +283,8 @@ def load(
     name = select_backend(backend)
     ckpt = open_checkpoint(resolve_model(model))
     text_tokenizer = load_tokenizer(ckpt.root, tokenizer)
-    return Generator(create_backend(name, ckpt, device, dtype, mimi, quantize, compile), text_tokenizer, watermark_model)
+    return Generator(create_backend(name, ckpt, device, dtype, mimi, quantize, compile), text_tokenizer,
+                     watermark_model)
 
 
 def load_csm_1b(device: str = "cuda", model: str | Path = DEFAULT_MODEL, **kwargs) -> SesameGenerator:

@@ -85,13 +85,17 @@ class Backend(ABC):
     def _load_codec(self):
         """This backend's Mimi codec (`csm.mimi_codec.MimiCodecBase`)."""
 
-    @property
-    def codec(self):
+    def load_codec(self):
         """Mimi, loaded on first use (once, whichever thread asks first)."""
         with self._codec_lock:
             if self._codec is None:
                 self._codec = self._load_codec()
         return self._codec
+
+    @property
+    def codec(self):
+        """Mimi, loaded on first use (`load_codec`)."""
+        return self.load_codec()
 
     @property
     def codec_loaded(self) -> bool:

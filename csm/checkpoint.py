@@ -109,7 +109,8 @@ def _config_for(root: Path, shapes: dict[str, tuple[int, ...]], fmt: str) -> Csm
     for preset in PRESETS.values():
         if csm_shapes == expected_shapes(preset):
             return preset
-    raise CsmError(f"no config.json next to the weights in {root}, and they are not a csm-1b checkpoint; add its config.json")
+    raise CsmError(f"no config.json next to the weights in {root}, and they are not a csm-1b checkpoint; "
+                   "add its config.json")
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -179,9 +179,12 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("src")
 @click.argument("dst", type=click.Path())
-@click.option("--to", "to", type=click.Choice(TARGETS), required=True, help="Layout to write (mlx: for csm-generate-mlx).")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Cast floating-point weights (default: keep; mlx: float32).")
-@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="With --to mlx: 4- or 8-bit weights (Mimi stays float).")
+@click.option("--to", "to", type=click.Choice(TARGETS), required=True,
+              help="Layout to write (mlx: for csm-generate-mlx).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Cast floating-point weights (default: keep; mlx: float32).")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None,
+              help="With --to mlx: 4- or 8-bit weights (Mimi stays float).")
 @click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size (32, 64 or 128).")
 @click.option("--mimi", type=click.Path(), default=None,
               help=f"Mimi to carry along ({MIMI_FILE}) if SRC has none, or instead of its own.")

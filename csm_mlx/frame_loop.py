@@ -71,7 +71,7 @@ class MlxFrameLoop(FrameLoop):
         if self._cache is None:
             self._cache = joining
         else:
-            for batch, new in zip(self._cache, joining):
+            for batch, new in zip(self._cache, joining, strict=True):  # one cache per layer on both sides
                 batch.extend(new)
         self._rows.append(slot)
         self._last = codes if self._last is None else mx.concatenate([self._last, codes])

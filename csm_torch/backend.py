@@ -26,7 +26,8 @@ class TorchBackend(Backend):
 
     def frame_loop(self, max_batch_size: int) -> TorchFrameLoop:
         # CUDA replays each frame from a captured graph; elsewhere the same code runs eagerly
-        return TorchFrameLoop(self.model, max_batch_size, cuda_graph=self.torch_device.type == "cuda", compile=self.compile)
+        return TorchFrameLoop(self.model, max_batch_size, cuda_graph=self.torch_device.type == "cuda",
+                              compile=self.compile)
 
     def _load_codec(self):
         from csm_torch.mimi import load_mimi

@@ -72,13 +72,17 @@ class TorchFrameLoop(FrameLoop):
         # bucket); a prompt's prefill, whose length varies, stays eager.
         options = compile_options(compile)
         if options is not None:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.buckets) + 4)
-        self._backbone_step = model.backbone if options is None else torch.compile(model.backbone, dynamic=False, options=options)
-        self._decoder = model.decoder if options is None else torch.compile(model.decoder, dynamic=False, options=options)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                        2 * len(self.buckets) + 4)
+        self._backbone_step = (model.backbone if options is None
+                               else torch.compile(model.backbone, dynamic=False, options=options))
+        self._decoder = (model.decoder if options is None
+                         else torch.compile(model.decoder, dynamic=False, options=options))
 
         books, width, vocab = config.audio_num_codebooks, config.frame_width, config.audio_vocab_size
         with torch.device(self.device):
-            self._backbone_cache = model.backbone.make_cache(max_batch_size, config.backbone.max_seq_len, self.device, self.dtype)
+            self._backbone_cache = model.backbone.make_cache(max_batch_size, config.backbone.max_seq_len, self.device,
+                                                             self.dtype)
             self._decoder_cache = model.decoder.make_cache(max_batch_size, books, self.device, self.dtype)
             self._start_decoder_cache = model.decoder.make_cache(1, books, self.device, self.dtype)
             self._decoder_positions = torch.arange(books + 1)
@@ -93,7 +97,8 @@ class TorchFrameLoop(FrameLoop):
         self._start_sampling = SlotSampling(1, books, vocab, self.device)  # a starting stream's first frame
         # cache views are made once: a compiled stack traces once per cache object it is given
         self._slot_caches = [[c.rows(s, s + 1) for c in self._backbone_cache] for s in range(max_batch_size)]
-        self._bucket_caches = {b: ([c.rows(0, b) for c in self._backbone_cache], [c.rows(0, b) for c in self._decoder_cache])
+        self._bucket_caches = {b: ([c.rows(0, b) for c in self._backbone_cache],
+                                   [c.rows(0, b) for c in self._decoder_cache])
                                for b in self.buckets}
         self._occupied = [False] * max_batch_size
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -145,7 +150,8 @@ class TorchFrameLoop(FrameLoop):
         highest = max((s for s, taken in enumerate(self._occupied) if taken), default=0)
         return next(b for b in self.buckets if b > highest)
 
-    def frame_tail(self, h: torch.Tensor, slots: SlotSampling, rows: int, kept: tuple[int, bool] | None, cache: list[KVCache]) -> torch.Tensor:
+    def frame_tail(self, h: torch.Tensor, slots: SlotSampling, rows: int, kept: tuple[int, bool] | None,
+                   cache: list[KVCache]) -> torch.Tensor:
         """The last backbone states h [B, D] -> the frame's codes [B, 32]: codebook 0 from the
         backbone's head, then 31 decoder steps, each sampling the next codebook."""
         m = self.model

@@ -82,7 +82,8 @@ def filter_sorted(values: torch.Tensor, topk: torch.Tensor, top_p: torch.Tensor 
     return ascending.masked_fill(drop, float("-inf")).flip(-1)
 
 
-def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor,
+                   top_p: torch.Tensor) -> torch.Tensor:
     """logits [B, V] -> the probabilities [B, V] a sample is drawn from (0 outside the kept set)."""
     values, indices = (logits.float() / temperature[:, None]).sort(dim=-1, descending=True)
     probs = filter_sorted(values, topk, top_p).softmax(dim=-1)

@@ -18,7 +18,8 @@ QUICK = ["--preset", "tiny", "--device", "cpu", "--frames", "4", "--warmup-frame
 def quick_run(tmp_path_factory):
     """One run of three implementations: csm torch, transformers' reference, csm MLX."""
     out = tmp_path_factory.mktemp("bench")
-    impls = ["transformers-eager", "csm-torch-eager"] + (["csm-mlx"] if cli.mlx_installed() else []) + ["csm-torch-engine"]
+    impls = (["transformers-eager", "csm-torch-eager"] + (["csm-mlx"] if cli.mlx_installed() else [])
+             + ["csm-torch-engine"])
     results = out / "RESULTS.md"
     results.write_text("# Measured results\n\nan earlier row\n")
     argv = QUICK + ["--impl", *impls, "--batch", "1", "2", "--streams", "1", "3", "--json", str(out / "rows.json"),

@@ -76,7 +76,8 @@ def test_official_layout_permutes_qk_and_back(tiny_model_dir, tmp_path):
 def test_all_layouts_generate_the_same_codes(tiny_model_dir, tmp_path):
     codes = [
         csm.load(str(d), device="cpu", dtype="float32").generate_codes("Same words.", topk=1, max_audio_length_ms=480)
-        for d in (tiny_model_dir, convert(tiny_model_dir, tmp_path / "o", to="official"), convert(tiny_model_dir, tmp_path / "c", to="csm"))
+        for d in (tiny_model_dir, convert(tiny_model_dir, tmp_path / "o", to="official"),
+                  convert(tiny_model_dir, tmp_path / "c", to="csm"))
     ]
     assert (codes[0] == codes[1]).all() and (codes[0] == codes[2]).all()
 
@@ -97,9 +98,9 @@ def test_refuses_to_overwrite(tiny_model_dir, tmp_path):
 
 
 def test_script_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "convert_weights.py"), str(tmp_path / "missing"), str(tmp_path / "out"),
-                        "--to", "csm"], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"},
-                       check=False)
+    r = subprocess.run([sys.executable, str(REPO / "convert_weights.py"), str(tmp_path / "missing"),
+                        str(tmp_path / "out"), "--to", "csm"],
+                       capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"}, check=False)
     assert r.returncode == 2 and r.stderr.startswith("error: model not found") and "Traceback" not in r.stderr
 
 
@@ -113,7 +114,8 @@ def test_transformers_loads_our_conversion(tiny_transformers_dir, tiny_model_dir
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
-        expected = tiny_transformers_dir[1].generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=4)
+        expected = tiny_transformers_dir[1].generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False,
+                                                     max_new_tokens=4)
         got = hf.generate(input_ids=ids, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=4)
     assert torch.equal(expected, got)
 
@@ -133,7 +135,8 @@ def test_official_to_transformers_carries_mimi_inside(official_with_mimi, transf
     assert json.loads((t / "config.json").read_text())["codec_config"]["num_quantizers"] == 32
 
 
-def test_official_transformers_official_round_trip_is_bit_exact(official_with_mimi, transformers_from_official, tmp_path):
+def test_official_transformers_official_round_trip_is_bit_exact(official_with_mimi, transformers_from_official,
+                                                                 tmp_path):
     back = convert(transformers_from_official, tmp_path / "back", to="official")
     assert_same(tensors(official_with_mimi), tensors(back))
     # the same tensors as kyutai's file, bit for bit (written anew: not necessarily the same bytes)

@@ -17,7 +17,8 @@ TEXT = "Testing on the GPU."
 
 
 def test_float32_cuda_codes_equal_cpu(tiny_csm_dir):
-    cpu = csm.load(str(tiny_csm_dir), device="cpu", dtype="float32").generate_codes(TEXT, topk=1, max_audio_length_ms=800)
+    cpu = csm.load(str(tiny_csm_dir), device="cpu", dtype="float32").generate_codes(
+        TEXT, topk=1, max_audio_length_ms=800)
     gpu = csm.load(str(tiny_csm_dir), device="cuda", dtype="float32")
     assert gpu.device.startswith("cuda")
     np.testing.assert_array_equal(gpu.generate_codes(TEXT, topk=1, max_audio_length_ms=800), cpu)
@@ -95,5 +96,5 @@ def test_graphed_engine_gives_each_joining_stream_its_eager_solo_codes(tiny_csm_
         stream = csm.Sampling(sampling.temperature, sampling.topk, sampling.top_p, frames * 80, seed=30 + i)
         requests.append(engine.submit_prompt(p, stream))
         engine.step(max_frames=3)
-    for r, a in zip(requests, alone):
+    for r, a in zip(requests, alone, strict=True):
         np.testing.assert_array_equal(r.codes, a)

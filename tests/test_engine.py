@@ -32,16 +32,18 @@ def run_until(engine, frame):
         assert engine.step(max_frames=1)
 
 
-@pytest.mark.parametrize("sampling", [dict(topk=1), dict(topk=50, temperature=0.9, top_p=0.95)], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [dict(topk=1), dict(topk=50, temperature=0.9, top_p=0.95)],
+                         ids=["greedy", "sampled"])
 def test_streams_joining_a_running_batch_get_their_solo_codes(gen, sampling):
     seeds = [11, 12, 13, 14, 15]
     solo = [gen.generate_codes(t, s, max_audio_length_ms=MAX_MS, seed=seed, **sampling)
-            for (t, s), seed in zip(TURNS, seeds)]
+            for (t, s), seed in zip(TURNS, seeds, strict=True)]
     engine = csm.Engine(gen, max_batch_size=4, background=False)
 
     def submit(i):
         text, speaker = TURNS[i]
-        return engine.submit_prompt(gen.prompt(text, speaker), Sampling(max_audio_length_ms=MAX_MS, seed=seeds[i], **sampling))
+        return engine.submit_prompt(gen.prompt(text, speaker),
+                                    Sampling(max_audio_length_ms=MAX_MS, seed=seeds[i], **sampling))
 
     requests = []
     for i, frame in enumerate([0, 3, 7, 12]):  # four streams join the running batch at these frames
@@ -164,7 +166,8 @@ def test_check_points_are_the_first_block_then_every_block_and_the_maximum():
     assert len(req.codes) == 20 and req.finish_reason == "max_length"
     # the first frame comes from start, the first block ends at 3 frames, then blocks of 8, then
     # what is left up to the maximum (never a frame past it)
-    assert backend.loop.calls == [("start", 0), ("advance", 2), ("advance", 8), ("advance", 8), ("advance", 1), ("drop", 0)]
+    assert backend.loop.calls == [("start", 0), ("advance", 2), ("advance", 8), ("advance", 8), ("advance", 1),
+                                  ("drop", 0)]
 
 
 def test_an_all_zero_frame_ends_the_stream_and_is_not_kept():

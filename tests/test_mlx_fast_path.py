@@ -36,7 +36,7 @@ def reference_codes(model, tokens, mask, max_frames, sampling: Sampling, seed) -
             drawn = exponential_noise(frame_key, (books, sampling.topk))  # a rank's noise, ones beyond top-k
             noise = mx.pad(drawn, [(0, 0), (0, vocab - sampling.topk)], constant_values=1.0)[None]  # [1, 32, V]
 
-        def pick(logits, i):
+        def pick(logits, i, noise=noise):
             return sample(logits, temperature, topk, top_p, None if noise is None else noise[:, i])
 
         h = model.backbone(x, cache)[:, -1]

@@ -62,7 +62,8 @@ def test_codebook0_and_decoder_logits_match_torch(torch_gen, mlx_gen, text, spea
         x = mx.stack([mh, mm.embed_audio(0, mx.array([c0]))], axis=1)
         m_state = mm.decoder(mm.projection(x))[:, -1]
         for i in (1, 17, 31):
-            rel = assert_close_rel(np.array(mm.codebook_logits(i, m_state)[0]), tm.codebook_logits(i, t_state)[0].numpy())
+            rel = assert_close_rel(np.array(mm.codebook_logits(i, m_state)[0]),
+                                   tm.codebook_logits(i, t_state)[0].numpy())
             print(f"decoder logits (c0={c0}, codebook {i}): {rel:.2e}")
 
 
@@ -80,7 +81,8 @@ def test_greedy_codes_equal_torch_with_context_audio(torch_gen, mlx_gen):
     audio = (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.float32)
     context = [csm.Segment(speaker=1, text="Hi!", audio=audio)]
     # the prompts agree, Mimi codes of the context included (see test_mlx_mimi)
-    np.testing.assert_array_equal(mlx_gen.prompt("Hello.", 0, context).tokens, torch_gen.prompt("Hello.", 0, context).tokens)
+    np.testing.assert_array_equal(mlx_gen.prompt("Hello.", 0, context).tokens,
+                                  torch_gen.prompt("Hello.", 0, context).tokens)
     theirs = torch_gen.generate_codes("Hello.", 0, context, topk=1, max_audio_length_ms=MAX_MS)
     ours = mlx_gen.generate_codes("Hello.", 0, context, topk=1, max_audio_length_ms=MAX_MS)
     assert len(theirs) >= 8
@@ -92,7 +94,8 @@ def test_every_layout_loads_the_same_weights(mlx_gen, layout, request):
     other = csm.load(request.getfixturevalue(layout), backend="mlx", device="cpu", dtype="float32")
     from mlx.utils import tree_flatten
 
-    a, b = dict(tree_flatten(mlx_gen._backend.model.parameters())), dict(tree_flatten(other._backend.model.parameters()))
+    a = dict(tree_flatten(mlx_gen._backend.model.parameters()))
+    b = dict(tree_flatten(other._backend.model.parameters()))
     assert a.keys() == b.keys()
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
 
@@ -124,7 +127,8 @@ def test_sampling_keeps_to_the_top_k():
     logits = mx.array(np.random.default_rng(0).normal(size=(1, 100)).astype(np.float32))
     top3 = set(np.argsort(-np.array(logits[0]))[:3].tolist())
     one, three = mx.array([1.0]), mx.array([3])
-    noise = [mx.pad(exponential_noise(k, (1, 3)), [(0, 0), (0, 97)], constant_values=1.0) for k in mx.random.split(mx.random.key(0), 200)]
+    noise = [mx.pad(exponential_noise(k, (1, 3)), [(0, 0), (0, 97)], constant_values=1.0)
+             for k in mx.random.split(mx.random.key(0), 200)]
     drawn = {int(sample(logits, one, three, one, n)[0]) for n in noise}
     assert drawn == top3
 
@@ -185,9 +189,11 @@ def test_bfloat16_checkpoints_load_bit_exact(tiny_csm_dir, tmp_path, kind):
         (d / "model.safetensors").unlink()
     ckpt = open_checkpoint(d)
     cpu = torch.device("cpu")
-    ours = dict(load_model(ckpt.config, checkpoint_tensors(ckpt, cpu, torch.bfloat16), cpu, torch.bfloat16).named_parameters())
+    ours = dict(load_model(ckpt.config, checkpoint_tensors(ckpt, cpu, torch.bfloat16), cpu,
+                           torch.bfloat16).named_parameters())
     theirs = dict(tree_flatten(load_checkpoint(ckpt, mx.bfloat16).parameters()))
     assert theirs.keys() == ours.keys()
     for name, t in ours.items():
         assert theirs[name].dtype == mx.bfloat16
-        np.testing.assert_array_equal(np.array(theirs[name].view(mx.uint16)), t.view(torch.uint16).numpy(), err_msg=name)
+        np.testing.assert_array_equal(np.array(theirs[name].view(mx.uint16)), t.view(torch.uint16).numpy(),
+                                      err_msg=name)

@@ -208,7 +208,7 @@ def test_batch_of_prompts_of_different_lengths_gives_each_its_own_greedy_codes(g
     alone = [gen.generate_codes(t, 1, topk=1, max_audio_length_ms=MAX_MS) for t in texts]
     together = gen.generate_codes_batch(texts, speakers=1, topk=1, max_audio_length_ms=MAX_MS)
     assert len({len(gen.prompt(t, 1).tokens) for t in texts}) == 3
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -216,7 +216,7 @@ def test_a_batch_gives_each_turn_its_solo_sampled_codes(gen):
     texts = ["Hi.", "A much longer sentence, to pad the others in the batch."]
     kw = dict(temperature=0.9, topk=50, top_p=0.8, max_audio_length_ms=MAX_MS)
     together = gen.generate_codes_batch(texts, speakers=[1, 2], seed=40, **kw)
-    for i, (text, speaker) in enumerate(zip(texts, [1, 2])):
+    for i, (text, speaker) in enumerate(zip(texts, [1, 2], strict=True)):
         np.testing.assert_array_equal(together[i], gen.generate_codes(text, speaker, seed=40 + i, **kw))
 
 

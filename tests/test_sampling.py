@@ -39,7 +39,7 @@ def logits():
 def batch_settings(n):
     """One setting per row, as in a running batch."""
     chosen = [SETTINGS[i % len(SETTINGS)] for i in range(n)]
-    return chosen, [torch.tensor(v) for v in zip(*chosen)]
+    return chosen, [torch.tensor(v) for v in zip(*chosen, strict=True)]
 
 
 def check_against_transformers(probs: np.ndarray, logits: torch.Tensor, chosen):

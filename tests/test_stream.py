@@ -30,7 +30,8 @@ def test_chunks_concatenate_to_the_decoded_codes(gen):
     assert all(c.dtype == np.float32 and c.ndim == 1 for c in chunks)
     whole = gen.decode(codes)
     diff = np.abs(np.concatenate(chunks) - whole).max()
-    print(f"{gen.backend}: streamed vs non-streamed audio max |diff| {diff:.1e} (max |audio| {np.abs(whole).max():.2f})")
+    print(f"{gen.backend}: streamed vs non-streamed audio max |diff| {diff:.1e} "
+          f"(max |audio| {np.abs(whole).max():.2f})")
     assert diff <= 1e-5, diff
 
 
@@ -60,7 +61,8 @@ def test_two_streams_at_once_and_decoding_beside_them(gen):
     assert gen.decode(np.zeros((1, 32), dtype=np.int64)).shape == (1920,)
     rest_one, rest_two = list(one), list(two)
     np.testing.assert_allclose(np.concatenate([first[0], *rest_one]),
-                               gen.decode(gen.generate_codes(TEXT, seed=1, max_audio_length_ms=400, topk=50)), atol=1e-5)
+                               gen.decode(gen.generate_codes(TEXT, seed=1, max_audio_length_ms=400, topk=50)),
+                               atol=1e-5)
     np.testing.assert_allclose(np.concatenate([first[1], *rest_two]), gen.decode(
         gen.generate_codes("Another line.", speaker=2, seed=2, max_audio_length_ms=400, topk=50)), atol=1e-5)
 

@@ -84,8 +84,9 @@ def run(opts: dict) -> None:
         # Mimi (and the watermark) must be there before the first frame, not after the last
         watermark_key = gen.prepare_audio(watermark=not opts["no_watermark"], watermark_key=key)
         click.echo(f"loaded {opts['model']} on {gen.backend}/{gen.device}", err=True)
-        request = dict(text=text, speaker=opts["speaker"], context=context, max_audio_length_ms=sampling.max_audio_length_ms,
-                       temperature=sampling.temperature, topk=sampling.topk, top_p=sampling.top_p, seed=sampling.seed)
+        request = dict(text=text, speaker=opts["speaker"], context=context,
+                       max_audio_length_ms=sampling.max_audio_length_ms, temperature=sampling.temperature,
+                       topk=sampling.topk, top_p=sampling.top_p, seed=sampling.seed)
 
         from tqdm import tqdm
 
@@ -168,12 +169,16 @@ def make_command(backend: str | None = None, name: str = "csm-generate", extra_o
     options = [
         click.option("--text", "-t", required=True, help="The words to speak."),
         click.option("--speaker", "-s", type=int, default=0, show_default=True, help="Speaker id of the new turn."),
-        click.option("--context", "-c", type=click.Path(), help='JSON list of {"speaker", "text", "audio"} turns before this one.'),
-        click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help="Local folder/file or Hub repo id."),
-        click.option("--mimi", help="Mimi weights (tokenizer-e351c8d8-checkpoint125.safetensors) if not in the model folder."),
+        click.option("--context", "-c", type=click.Path(),
+                     help='JSON list of {"speaker", "text", "audio"} turns before this one.'),
+        click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+                     help="Local folder/file or Hub repo id."),
+        click.option("--mimi",
+                     help="Mimi weights (tokenizer-e351c8d8-checkpoint125.safetensors) if not in the model folder."),
         click.option("--tokenizer", help="tokenizer.json, a folder or Hub id if not in the model folder."),
         click.option("--device", help="cuda, cpu or mps; gpu or cpu with MLX (default: best available)."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Default: bfloat16 on GPUs, float32 on CPU."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+                     help="Default: bfloat16 on GPUs, float32 on CPU."),
         click.option("--temperature", type=float, default=DEFAULT_TEMPERATURE, show_default=True),
         click.option("--top-k", "top_k", type=int, default=DEFAULT_TOPK, show_default=True),
         click.option("--top-p", "top_p", type=float, default=DEFAULT_TOP_P, show_default=True,
@@ -182,16 +187,22 @@ def make_command(backend: str | None = None, name: str = "csm-generate", extra_o
         click.option("--seed", type=int, help="Seed for reproducible sampling."),
         click.option("--compile", type=click.Choice(["default", "max-autotune"]),
                      help="torch.compile the model's stacks (CUDA: ~2x faster frames after 30 s-2 min of compiling)."),
-        click.option("--output", "-o", type=click.Path(), help="WAV file to write (default output.wav unless --play)."),
+        click.option("--output", "-o", type=click.Path(),
+                     help="WAV file to write (default output.wav unless --play)."),
         click.option("--force", is_flag=True, help="Overwrite the output file."),
-        click.option("--play", is_flag=True, help="Play the audio (sounddevice); with --stream, while it is generated."),
-        click.option("--stream", is_flag=True, help="Generate chunk by chunk (first audio sooner); see --first-chunk-frames."),
+        click.option("--play", is_flag=True,
+                     help="Play the audio (sounddevice); with --stream, while it is generated."),
+        click.option("--stream", is_flag=True,
+                     help="Generate chunk by chunk (first audio sooner); see --first-chunk-frames."),
         click.option("--first-chunk-frames", type=click.IntRange(min=1),
-                     help=f"--stream: frames (80 ms) in the first chunk [default: {DEFAULT_FIRST_CHUNK_FRAMES}; at least 13 with the watermark]."),
+                     help=f"--stream: frames (80 ms) in the first chunk [default: {DEFAULT_FIRST_CHUNK_FRAMES}; "
+                          "at least 13 with the watermark]."),
         click.option("--chunk-frames", type=click.IntRange(min=1),
-                     help=f"--stream: frames in each later chunk [default: {DEFAULT_CHUNK_FRAMES}; at least 13 with the watermark]."),
+                     help=f"--stream: frames in each later chunk [default: {DEFAULT_CHUNK_FRAMES}; "
+                          "at least 13 with the watermark]."),
         click.option("--watermark-key", help="Your own 5-byte key, e.g. 1,2,3,4,5 (default: Sesame's public key)."),
-        click.option("--watermark-model", help="Folder with the silentcipher weights (default: $CSM_WATERMARK_MODEL or the Hub)."),
+        click.option("--watermark-model",
+                     help="Folder with the silentcipher weights (default: $CSM_WATERMARK_MODEL or the Hub)."),
         click.option("--no-watermark", is_flag=True, help="Do not watermark (not recommended)."),
     ]
     if backend is None:
