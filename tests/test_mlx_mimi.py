@@ -79,12 +79,12 @@ def test_stream_decode_equals_batch_decode(kyutai_file, audio):
 
 def test_streams_interleave_each_with_its_own_state(kyutai_file, audio):
     codec = mlx_mimi.load_mimi(mimi=kyutai_file)
-    codes = codec.encode(audio)
+    codes = codec.encode(audio)[:6]  # MLX's Mimi runs its transformer a position at a time: keep it short
     other = codes[::-1].copy()
     expected_a, expected_b = codec.decode(codes), codec.decode(other)
     pieces_a, pieces_b, start = [], [], 0
     with codec.streaming_decoder() as a, codec.streaming_decoder() as b:
-        for size in (3, 5, 6):
+        for size in (2, 4):
             pieces_a.append(a.decode(codes[start : start + size]))
             pieces_b.append(b.decode(other[start : start + size]))
             start += size
