@@ -23,6 +23,9 @@ class TorchBackend(Backend):
                            self.dtype, source=f"{ckpt.format} checkpoint {ckpt.root}")
         self.model = fuse_for_inference(model)
         self.compile = compile
+        # torch.compile traces at the first frame of each batch bucket, patching nn.Module calls
+        # process-wide while it does: streams' Mimi decoders then take turns with the frame loop
+        self.serialized = bool(compile)
 
     def frame_loop(self, max_batch_size: int) -> TorchFrameLoop:
         # CUDA replays each frame from a captured graph; elsewhere the same code runs eagerly

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import moshi.utils.compile
 from moshi.utils.compile import no_cuda_graph
 
 from csm.errors import CheckpointError
@@ -101,6 +102,10 @@ def load_state_into_moshi(model, state: dict[str, torch.Tensor], source: str) ->
 
 
 def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = None, device="cpu") -> MimiCodec:
+    # moshi compiles its RoPE with torch.compile at first use. torch.compile's tracing patches
+    # nn.Module calls process-wide, so a compile in one stream's decoder thread breaks the
+    # engine's frame loop (or another decoder) running in another thread: run moshi uncompiled.
+    moshi.utils.compile._compile_disabled = True
     kind, location = resolve_mimi_weights(model_dir, mimi)
     if kind == KYUTAI_FILE:
         from safetensors.torch import load_file
