@@ -132,11 +132,12 @@ class Request:
 
     def collect(self, on_frame: Callable[[int], None] | None = None) -> np.ndarray:
         """`codes`, calling `on_frame(frames so far)` after each block."""
-        kept = []
+        kept, total = [], 0
         for block in self.blocks():
             kept.append(block)
+            total += len(block)
             if on_frame is not None:
-                on_frame(sum(len(b) for b in kept))
+                on_frame(total)
         return self._concat(kept)
 
     def __iter__(self) -> Iterator[np.ndarray]:
