@@ -77,10 +77,15 @@ class BenchBackend(Backend):
     """A backend over a model built by the benchmark (random weights in memory, or a checkpoint):
     csm's engine then drives it as it drives `csm.load`'s."""
 
-    def __init__(self, name: str, model, make_loop: Callable[[int], object], codec=None, serialized: bool = False):
+    def __init__(self, name: str, model, make_loop: Callable[[int], object], codec=None, serialized: bool = False,
+                 turns=None):
         super().__init__(model.config, None, None)
         self.name, self.device, self.serialized = name, "bench", serialized
-        self._make_loop, self._codec = make_loop, codec
+        self._make_loop, self._codec, self._turns = make_loop, codec, turns
+        self.park_threads = turns is not None  # MLX, as MlxBackend
+
+    def lock(self):
+        return self._turns() if self._turns is not None else super().lock()
 
     def frame_loop(self, max_batch_size: int):
         return self._make_loop(max_batch_size)
@@ -116,10 +121,13 @@ def backend(impl: Impl, model, codec=None) -> BenchBackend:
     """A backend over `model` for `impl`, as `csm.load` builds it (torch graphed wherever there is
     CUDA for the engine rows; MLX serialized between the loop and Mimi)."""
     if impl.backend == "mlx":
+        import mlx.core as mx
+
+        from csm_mlx.backend import DeviceTurns
         from csm_mlx.frame_loop import MlxFrameLoop
 
         return BenchBackend("mlx", model, lambda b: MlxFrameLoop(model, b, compile=impl.compile, overlap=impl.overlap),
-                            codec, serialized=True)
+                            codec, serialized=True, turns=DeviceTurns(mx.default_device()))
     from csm_torch.frame_loop import TorchFrameLoop
 
     graphed = impl.cuda_graph or (impl.arrivals and next(model.parameters()).device.type == "cuda")

@@ -65,9 +65,13 @@ class Backend(ABC):
 
     name: str
     device: str
-    # True where the framework must not run device work from two threads at once (MLX): the
-    # engine's loop and the streams' Mimi decoders then take turns under `lock`.
+    # True where the framework must not run device work from two threads at once (MLX, torch
+    # while compiling): the engine's loop and the streams' Mimi decoders then take turns in `lock`.
     serialized: bool = False
+    # True where a thread that ran device work must not end before the process does: MLX (0.32)
+    # can abort at exit ("terminate called without an active exception") once such a thread has
+    # ended, so a closed engine's thread stays parked instead.
+    park_threads: bool = False
 
     def __init__(self, config: CsmConfig, model_dir: Path, mimi: str | None):
         self.config = config

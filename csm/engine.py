@@ -234,6 +234,7 @@ class Engine:
         self._step_lock = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
         if background:
             self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
             self._thread.start()
@@ -298,7 +299,7 @@ class Engine:
             self._closed = True
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._stopped.wait()
         with self._step_lock:
             for request, _ in self._waiting:
                 request._finish(CANCELLED)
@@ -402,5 +403,8 @@ class Engine:
                 while not self._closed and not self._waiting and not any(self._slots):
                     self._cond.wait()
                 if self._closed:
-                    return
+                    break
             self.step()
+        self._stopped.set()
+        if self._backend.park_threads:
+            threading.Event().wait()  # a daemon thread that never ends (see `Backend.park_threads`)

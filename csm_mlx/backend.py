@@ -4,6 +4,7 @@ No PyTorch anywhere on this path (only a `ckpt.pt` checkpoint is read with torch
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import mlx.core as mx
 
@@ -13,9 +14,25 @@ from csm_mlx.frame_loop import MlxFrameLoop
 from csm_mlx.loading import load_checkpoint, pick_device, pick_dtype
 
 
+class DeviceTurns:
+    """One thread at a time on an MLX device, on a stream of its own that any thread may use:
+    MLX's default streams belong to the thread that made them, and the engine runs the loop in
+    its thread while listeners decode Mimi in theirs. Call it for the context to work in."""
+
+    def __init__(self, device: mx.Device):
+        self._lock = threading.RLock()
+        self._stream = mx.new_thread_unsafe_stream(device)  # safe: the lock keeps work in sequence
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self._lock, mx.stream(self._stream):
+            yield
+
+
 class MlxBackend(Backend):
     name = "mlx"
     serialized = True  # the engine's loop and the streams' Mimi decoders take turns on the device
+    park_threads = True
 
     def __init__(self, ckpt: Checkpoint, device: str | None = None, dtype: str | None = None, mimi: str | None = None,
                  quantize: int | None = None, group_size: int = 64, compile: bool = True):
@@ -27,12 +44,10 @@ class MlxBackend(Backend):
         self.dtype = pick_dtype(dtype, self.mlx_device)
         self.model = load_checkpoint(ckpt, self.dtype, quantize=quantize, group_size=group_size)
         self.compile = compile
+        self._turns = DeviceTurns(self.mlx_device)
 
-    @contextlib.contextmanager
     def lock(self):
-        """One thread at a time on the device, on this backend's device whichever thread it is."""
-        with self._lock, mx.stream(self.mlx_device):
-            yield
+        return self._turns()
 
     def frame_loop(self, max_batch_size: int) -> MlxFrameLoop:
         return MlxFrameLoop(self.model, max_batch_size, compile=self.compile)

@@ -51,8 +51,16 @@ def load_model(config: CsmConfig, tensors: Iterable[tuple[str, mx.array]], dtype
     model.load_weights(weights, strict=True)
     if quantize is not None:
         quantize_model(model, quantize, group_size)
-    mx.eval(model.parameters())
+    materialize(model)
     return model.eval()
+
+
+def materialize(module) -> None:
+    """Evaluate every array a module tree holds, its private ones too (mlx-lm's RoPE frequencies,
+    the codebook offsets): a lazy array belongs to the stream of the thread that made it, and
+    the engine computes in threads of its own."""
+    arrays = [v for m in module.modules() for v in m.values() if isinstance(v, mx.array)]
+    mx.eval(module.parameters(), arrays)
 
 
 def load_checkpoint(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32, quantize: int | None = None,
@@ -69,7 +77,7 @@ def load_checkpoint(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32, quantize: in
         model.load_weights([(name, t) for f in ckpt.files for name, t in _mx_load(f).items()], strict=True)
     except ValueError as exc:
         raise CsmError(f"the quantized weights of {ckpt.root} do not fit its config: {exc}") from None
-    mx.eval(model.parameters())
+    materialize(model)
     return model.eval()
 
 

@@ -26,6 +26,7 @@ from csm.mimi_files import (
     resolve_mimi_weights,
 )
 from csm.mimi_names import transformers_to_original
+from csm_mlx.loading import materialize
 
 
 def _load_original_file(model, path: Path, source: str) -> None:
@@ -50,7 +51,7 @@ def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = Non
             path = Path(tmp) / "mimi.safetensors"
             mx.save_safetensors(str(path), {k: v.astype(mx.float32) for k, v in state.items()})
             _load_original_file(model, path, str(location))
-    mx.eval(model.parameters())
+    materialize(model)  # the engine decodes in threads of its own
     return MimiCodec(model)
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import moshi.utils.compile
 import numpy as np
 import torch
-import moshi.utils.compile
 from moshi.utils.compile import no_cuda_graph
 
 from csm.errors import CheckpointError
