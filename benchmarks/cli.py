@@ -207,6 +207,9 @@ def measure_engine_row(make_generator, impl: engines.Impl, streams: int, target:
         row["error"] = first_line(exc)
         return row
     firsts = sorted(run.first_audio_s)
+    if not run.frames_per_s or len(firsts) < streams:
+        row["error"] = f"{streams - len(firsts)} of {streams} streams gave no frames"
+        return row
     row["peak_memory_gb"] = target.meter.peak() / 1e9
     row["frames_timed"] = streams * (a.warmup_frames + a.frames)
     row["frames_per_s_aggregate"] = run.frames_per_s
