@@ -96,10 +96,9 @@ def tensor_shapes(files: tuple[Path, ...]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _config_for(root: Path, shapes: dict[str, tuple[int, ...]], fmt: str) -> CsmConfig:
-    config_file = root / "config.json"
-    if config_file.is_file():
-        return CsmConfig.from_file(config_file)
+def _config_for(root: Path, settings: dict | None, shapes: dict[str, tuple[int, ...]], fmt: str) -> CsmConfig:
+    if settings is not None:
+        return CsmConfig.from_dict(settings)
     # A bare ckpt.pt / model.safetensors: accept it if it is exactly a known preset.
     csm_shapes = {}
     for name, shape in shapes.items():
@@ -124,16 +123,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     shapes = tensor_shapes(files)
     fmt = detect_format(shapes)
     root = path if path.is_dir() else path.parent
-    config = _config_for(root, shapes, fmt)
-    return Checkpoint(root=root, files=files, format=fmt, config=config, quantization=_quantization_for(root))
-
-
-def _quantization_for(root: Path) -> dict | None:
     config_file = root / "config.json"
-    if not config_file.is_file():
-        return None
-    d = read_json(config_file, "config file")
-    return d.get("quantization") if isinstance(d, dict) else None
+    settings = read_json(config_file, "config file") if config_file.is_file() else None  # read once
+    config = _config_for(root, settings, shapes, fmt)
+    quantization = settings.get("quantization") if isinstance(settings, dict) else None
+    return Checkpoint(root=root, files=files, format=fmt, config=config, quantization=quantization)
 
 
 def iter_tensors(ckpt: Checkpoint, dtype=None, device=None) -> Iterator[tuple[str, Any]]:
