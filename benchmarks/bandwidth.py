@@ -3,9 +3,9 @@
 A frame reads the backbone once (its codebook-0 head included) and, 31 times, the decoder, the
 projection into it and one codebook's slice of `audio_head`. The embedding tables are only
 gathered (a few rows per frame), so they do not count. For csm-1b that is 4.55 G parameters per
-frame (977 M for the backbone, 115 M for each decoder pass). Dividing a measured copy bandwidth by those bytes gives the most frames/s
-the memory system allows; a batch reads the weights once for every stream, so batched rows can
-pass this batch-1 bound.
+frame (977 M for the backbone, 115 M for each decoder pass). Dividing a measured copy bandwidth
+by those bytes gives the most frames/s the memory system allows; a batch reads the weights once
+for every stream, so batched rows can pass this batch-1 bound.
 """
 
 from __future__ import annotations
