@@ -51,7 +51,6 @@ def load_mimi(model_dir: Path | str | None = None, mimi: str | Path | None = Non
             path = Path(tmp) / "mimi.safetensors"
             mx.save_safetensors(str(path), {k: v.astype(mx.float32) for k, v in state.items()})
             _load_original_file(model, path, str(location))
-    materialize(model)  # the engine decodes in threads of its own
     return MimiCodec(model)
 
 
@@ -66,6 +65,7 @@ class MimiCodec(MimiCodecBase):
 
     def __init__(self, model):
         super().__init__()
+        materialize(model)  # streams decode in their listeners' threads: no lazy array of this one's
         self.model = model
 
     def _encode(self, audio: np.ndarray) -> np.ndarray:
