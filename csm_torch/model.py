@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from csm.config import CsmConfig, TransformerConfig
@@ -183,6 +184,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(t) for _ in range(t.num_layers))
         self.norm = RMSNorm(t.hidden_size, t.norm_eps)
         self.register_buffer("rope", rope_table(t, num_positions), persistent=False)
+        self.gradient_checkpointing = False  # training: recompute each layer's activations
 
     def make_cache(self, batch_size: int, max_len: int, device, dtype) -> list[KVCache]:
         return [KVCache(batch_size, self.config, max_len, device, dtype) for _ in self.layers]
@@ -199,7 +201,11 @@ class Transformer(nn.Module):
         # every layer's attention call (one extra kernel per layer per decoder step)
         mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, input_pos, None if cache is None else cache[i])
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only each layer's input; its activations are recomputed in the backward pass
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, input_pos, None, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, input_pos, None if cache is None else cache[i])
         return self.norm(x)
 
 

@@ -17,7 +17,7 @@ from csm.errors import CsmError
 
 METHODS = ("lora", "full")
 PRECISIONS = ("auto", "float32", "bfloat16")
-TRAIN_ON = ("last", "speaker", "all")
+TRAIN_ON = ("last", "speaker")
 # The linear layers LoRA may adapt, by their names in both stacks (never Mimi's: it is not in
 # the model, and its codes are discrete, so no gradient could reach it anyway).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,6 +39,7 @@ class TrainConfig:
     validation_data: str | None = field(default=None, metadata={
         "help": "separate validation data (default: a split of the training data)"})
     speaker_id: int = field(default=0, metadata={"help": "speaker id the recordings are trained as"})
+    style_name: str | None = field(default=None, metadata={"help": "a name for the style (kept with the result)"})
     # --- method ---
     method: str = field(default="lora", metadata={"help": "lora (adapter) or full (every weight)"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
@@ -48,7 +49,8 @@ class TrainConfig:
         "help": "linear layers to adapt: " + ", ".join(LORA_TARGETS + LORA_EXTRA_TARGETS)})
     freeze_backbone: bool = field(default=False, metadata={"help": "do not train the backbone"})
     freeze_decoder: bool = field(default=False, metadata={"help": "do not train the audio decoder"})
-    train_embeddings: bool = field(default=False, metadata={"help": "also train the text and audio embeddings"})
+    train_embeddings: bool | None = field(default=None, metadata={
+        "help": "train the text and audio embeddings (default: yes for full, no for LoRA)"})
     train_heads: bool = field(default=False, metadata={
         "help": "also train the codebook heads and the decoder projection in full (LoRA runs)"})
     # --- objective ---
@@ -57,7 +59,7 @@ class TrainConfig:
     decoder_fraction: float = field(default=1 / 16, metadata={
         "help": "share of audio frames the decoder loss is computed on (1 = all; all when the backbone is frozen)"})
     train_on: str = field(default="last", metadata={
-        "help": "turns of a conversation the loss covers: last, speaker (--speaker-id's turns) or all"})
+        "help": "turns of a conversation trained: last (each turn once, after its context) or speaker (--speaker-id's turns only)"})
     context_turns: int | None = field(default=None, metadata={
         "help": "at most this many earlier turns as context (default: all that fit)"})
     # --- optimisation ---
@@ -112,7 +114,7 @@ class TrainConfig:
         need(not unknown, f"unknown LoRA target(s) {', '.join(unknown)}; choose from "
                           f"{', '.join(LORA_TARGETS + LORA_EXTRA_TARGETS)}")
         need(bool(self.lora_targets) or self.method != "lora", "lora_targets is empty: name at least one layer")
-        need(not (self.freeze_backbone and self.freeze_decoder and not self.train_embeddings and not self.train_heads),
+        need(not (self.freeze_backbone and self.freeze_decoder and not self.train_embeddings),
              "freeze_backbone and freeze_decoder together leave nothing to train")
         need(self.semantic_weight >= 0 and self.acoustic_weight >= 0 and self.semantic_weight + self.acoustic_weight > 0,
              "semantic_weight and acoustic_weight must be non-negative and not both zero")
@@ -130,6 +132,10 @@ class TrainConfig:
         need(self.patience is None or self.patience >= 0, "patience must be 0 or more")
         need(self.save_every >= 1, "save_every must be at least 1")
         need(self.max_clip_seconds > 0, "max_clip_seconds must be positive")
+
+    @property
+    def trains_embeddings(self) -> bool:
+        return self.method == "full" if self.train_embeddings is None else self.train_embeddings
 
     @property
     def lora_scale(self) -> float:

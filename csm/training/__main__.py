@@ -1,0 +1,6 @@
+"""`python -m csm.training ...` is `csm-finetune ...`, so torchrun can start it:
+`torchrun --nproc_per_node=N -m csm.training train --config config.json`."""
+
+from csm.cli.finetune import main
+
+main()

@@ -1,0 +1,315 @@
+"""Fine-tuning on PyTorch: the tensor part of the objective (`csm.training.objective` chose the
+frames), LoRA through peft, AdamW with parameter groups, DistributedDataParallel under torchrun.
+
+The run itself (batches, schedule, validation, checkpoints) is `csm.training.loop`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from csm.checkpoint import Checkpoint
+from csm.errors import CsmError
+from csm.training.config import LORA_EXTRA_TARGETS, TrainConfig
+from csm.training.loop import LossScale, LossSums, TrainingBackend
+from csm.training.objective import Batch, FrameSelection
+from csm_torch.loading import checkpoint_tensors, load_model, pick_device
+from csm_torch.model import Model
+
+# Which optimizer group a parameter belongs to (first match wins); the names are csm's.
+EMBEDDINGS = re.compile(r"^(text|audio)_embeddings\.")
+BACKBONE = re.compile(r"^(backbone\.|codebook0_head\.)")
+DECODER = re.compile(r"^(decoder\.|projection\.|audio_head$)")
+
+
+def lora_target_regex(config: TrainConfig) -> str:
+    """peft's `target_modules` as one anchored regex: only the named linear layers of the trained
+    stacks (a frozen stack gets no adapter)."""
+    stacks = [s for s, frozen in (("backbone", config.freeze_backbone), ("decoder", config.freeze_decoder))
+              if not frozen]
+    attn = [t for t in config.lora_targets if t in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    mlp = [t for t in config.lora_targets if t in ("gate_proj", "up_proj", "down_proj")]
+    layer_parts = [f"self_attn\\.({'|'.join(attn)})"] * bool(attn) + [f"mlp\\.({'|'.join(mlp)})"] * bool(mlp)
+    alternatives = []
+    if stacks and layer_parts:
+        alternatives.append(f"({'|'.join(stacks)})\\.layers\\.\\d+\\.({'|'.join(layer_parts)})")
+    extra = {"projection": not config.freeze_decoder, "codebook0_head": not config.freeze_backbone}
+    alternatives += [t for t in config.lora_targets if t in LORA_EXTRA_TARGETS and extra[t]]
+    if not alternatives:
+        raise CsmError("no LoRA target is left in a trained part of the model: check --lora-targets against "
+                       "--freeze-backbone / --freeze-decoder")
+    return "^(" + "|".join(alternatives) + ")$"
+
+
+def full_training_names(config: TrainConfig, names: list[str]) -> list[str]:
+    """Parameters trained in full: every one for full fine-tuning; in a LoRA run the heads and
+    projection with --train-heads; the embeddings with --train-embeddings; never a frozen stack's."""
+    chosen = []
+    for name in names:
+        if EMBEDDINGS.match(name):
+            if config.trains_embeddings:
+                chosen.append(name)
+            continue
+        in_backbone = bool(BACKBONE.match(name))
+        if (in_backbone and config.freeze_backbone) or (not in_backbone and config.freeze_decoder):
+            continue
+        is_head = name in ("codebook0_head.weight", "projection.weight", "audio_head")
+        if config.method == "full" or (is_head and config.train_heads):
+            chosen.append(name)
+    return chosen
+
+
+class ObjectiveModule(nn.Module):
+    """The model with the training objective as its forward (so DistributedDataParallel, which
+    hooks `forward`, sees the whole step): loss sums for the frames the core chose."""
+
+    def __init__(self, model: Model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, mask, c0_rows, frame_rows, decoder_frames):
+        m = self.model
+        b, t, _ = tokens.shape
+        hidden = m.backbone(m.embed_frames(tokens, mask), torch.arange(t, device=tokens.device)).flatten(0, 1)
+        h = hidden[c0_rows]  # [N, D]: the state before each trained frame
+        codes = tokens.flatten(0, 1)[frame_rows, :-1]  # [N, 32]: each trained frame's codes
+        c0_logits = m.codebook0_head(h).float()
+        c0_sum = F.cross_entropy(c0_logits, codes[:, 0], reduction="sum")
+        c0_correct = (c0_logits.argmax(-1) == codes[:, 0]).sum()
+        h, codes = h[decoder_frames], codes[decoder_frames]  # [K, D], [K, 32]
+        # the decoder's input, as at generation: [h, E(c0), ..., E(c30)], position k predicts ck
+        embedded = m.audio_embeddings(codes[:, :-1] + m.codebook_offsets[:-1])  # [K, 31, D]
+        dec_in = m.projection(torch.cat([h[:, None], embedded], dim=1))
+        dec_h = m.decoder(dec_in, torch.arange(dec_in.shape[1], device=tokens.device))[:, 1:]  # [K, 31, D_dec]
+        logits = torch.einsum("kcd,cdv->kcv", dec_h, m.audio_head).float()
+        per_codebook = F.cross_entropy(logits.flatten(0, 1), codes[:, 1:].flatten(), reduction="none")
+        return c0_sum, c0_correct, per_codebook.view(-1, logits.shape[1]).sum(0)
+
+
+class TorchTrainer(TrainingBackend):
+    checkpoint_name = "checkpoint_latest.pt"
+
+    def __init__(self, config: TrainConfig, ckpt: Checkpoint, base_model: str):
+        self.config = config
+        self.base_model = base_model
+        self._init_distributed(config)
+        self.precision = self._precision(config)
+        # frozen weights of a LoRA run may live in bf16 on a GPU; trained ones are float32
+        load_dtype = torch.bfloat16 if self.precision == torch.bfloat16 and config.method == "lora" else torch.float32
+        torch.manual_seed(config.seed)  # LoRA's A matrices
+        model = load_model(ckpt.config, checkpoint_tensors(ckpt, self.device, load_dtype), self.device, load_dtype,
+                           source=f"{ckpt.format} checkpoint {ckpt.root}")
+        self.model = model
+        self.lora_regex: str | None = None
+        if config.method == "lora":
+            self._inject_lora(model)
+        self.full_names = full_training_names(config, [n for n, _ in model.named_parameters()])
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in self.full_names or ".lora_" in name)
+        for name in self.full_names:  # trained in float32 even beside a bf16 frozen base
+            param = model.get_parameter(name)
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise CsmError("nothing to train: every parameter is frozen")
+        self.num_trainable = sum(p.numel() for _, p in trainable)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        for stack in (model.backbone, model.decoder):
+            stack.gradient_checkpointing = config.gradient_checkpointing
+        model.train()
+        self.objective = ObjectiveModule(model)
+        self.step_module: nn.Module = self.objective
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.step_module = DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(self._param_groups(trainable), lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self._pending_micro = 0
+
+    # --- setup ------------------------------------------------------------------------------------
+    def _init_distributed(self, config: TrainConfig) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            import torch.distributed as dist
+
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            use_cuda = torch.cuda.is_available() and config.device in (None, "cuda")
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+            self.device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+            if use_cuda:
+                torch.cuda.set_device(self.device)
+        else:
+            self.rank, self.world_size = 0, 1
+            self.device = pick_device(config.device)
+            if self.device.type == "mps":
+                self.device = torch.device("cpu") if config.device is None else self.device
+
+    def _precision(self, config: TrainConfig) -> torch.dtype:
+        if config.precision == "float32" or (config.precision == "auto" and self.device.type != "cuda"):
+            return torch.float32
+        if self.device.type == "cpu" and config.precision == "bfloat16":
+            return torch.bfloat16
+        return torch.bfloat16
+
+    def _inject_lora(self, model: Model) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        c = self.config
+        self.lora_regex = lora_target_regex(c)
+        lora = LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                          target_modules=self.lora_regex, bias="none")
+        inject_adapter_in_model(lora, model)
+        injected = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
+        if not injected:  # a regex that matched nothing would leave a run that changes nothing
+            raise CsmError(f"LoRA found no layer to adapt (targets {self.lora_regex}); check --lora-targets")
+        self.lora_modules = [n.removesuffix(".lora_A") for n in injected]
+
+    def _param_groups(self, trainable: list[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]:
+        c = self.config
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, p in trainable:
+            bare = name.replace(".base_layer", "")
+            kind = "embeddings" if EMBEDDINGS.match(bare) else "backbone" if BACKBONE.match(bare) else "decoder"
+            decay = p.ndim >= 2  # no weight decay on norms' scales
+            groups.setdefault((kind, decay), []).append(p)
+        scales = {"backbone": c.backbone_lr_scale, "decoder": c.decoder_lr_scale, "embeddings": c.embeddings_lr_scale}
+        return [{"params": params, "lr_scale": scales[kind], "weight_decay": c.weight_decay if decay else 0.0,
+                 "name": f"{kind}{'' if decay else '_no_decay'}"} for (kind, decay), params in groups.items()]
+
+    # --- steps --------------------------------------------------------------------------------------
+    def _tensors(self, batch: Batch, selection: FrameSelection):
+        as_long = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.long, device=self.device)  # noqa: E731
+        return (as_long(batch.tokens), torch.as_tensor(batch.mask, device=self.device), as_long(selection.c0_rows),
+                as_long(selection.frame_rows), as_long(selection.decoder))
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == torch.bfloat16)
+
+    def train_micro_batch(self, batch: Batch, selection: FrameSelection, scale: LossScale, seed: int) -> LossSums:
+        torch.manual_seed(seed)  # LoRA dropout: a function of the position in the run
+        self._pending_micro += 1
+        last = self._pending_micro == self.config.grad_accum or self.world_size == 1
+        sync = self.step_module.no_sync() if (self.world_size > 1 and not last) else _nothing()
+        with sync, self._autocast():
+            c0_sum, c0_correct, per_codebook = self.step_module(*self._tensors(batch, selection))
+            loss = (scale.semantic_weight * c0_sum / max(scale.num_frames, 1)
+                    + scale.acoustic_weight * per_codebook.sum() / max(scale.num_decoder_frames * per_codebook.numel(),
+                                                                      1)) * scale.scale
+        loss.backward()
+        return LossSums(float(c0_sum), float(c0_correct), float(selection.num_frames),
+                        per_codebook.detach().double().cpu().numpy(), float(selection.num_decoder_frames))
+
+    def optimizer_step(self, lr: float) -> float:
+        self._pending_micro = 0
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.config.max_grad_norm or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @torch.no_grad()
+    def eval_batch(self, batch: Batch, selection: FrameSelection) -> LossSums:
+        self.model.eval()
+        try:
+            with self._autocast():
+                c0_sum, c0_correct, per_codebook = self.objective(*self._tensors(batch, selection))
+        finally:
+            self.model.train()
+        return LossSums(float(c0_sum), float(c0_correct), float(selection.num_frames),
+                        per_codebook.double().cpu().numpy(), float(selection.num_decoder_frames))
+
+    # --- state --------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self, path: Path, extra: dict[str, Any]) -> None:
+        state = {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(), "extra": extra}
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:
+            raise CsmError(f"cannot read the checkpoint {path}: {exc}") from None
+        params = dict(self.model.named_parameters())
+        trained = {n for n, p in params.items() if p.requires_grad}
+        if set(state["trainable"]) != trained:
+            raise CsmError(f"{path} was written by a run with other trained parameters (method, targets or "
+                           "freezing differ); resume with the same settings, or start anew with --force")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["extra"]
+
+    def save_weights(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.method == "lora":
+            from csm.training.adapters import write_adapter
+
+            named = dict(self.model.named_modules())
+            lora = {m: (named[m].lora_A["default"].weight.detach().float().cpu(),
+                        named[m].lora_B["default"].weight.detach().float().cpu()) for m in self.lora_modules}
+            full = {n.replace(".base_layer", ""): self.model.get_parameter(n).detach().float().cpu()
+                    for n in self.full_names}
+            write_adapter(out_dir, lora, alpha=self.config.lora_alpha, rank=self.config.lora_rank,
+                          dropout=self.config.lora_dropout, target_modules=self.lora_regex,
+                          base_model=self.base_model, full=full or None,
+                          info={"speaker_id": self.config.speaker_id, "method": "lora",
+                                "style_name": self.config.style_name})
+        else:
+            from csm.training.adapters import write_model_folder
+
+            state = {n: p.detach().cpu() for n, p in self.model.state_dict().items()}
+            write_model_folder(out_dir, state, self.base_model)
+
+    def peak_memory_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        try:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        except (ImportError, AttributeError):
+            return 0
+
+    def all_reduce(self, values: np.ndarray) -> np.ndarray:
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
