@@ -6,6 +6,7 @@ The run itself (batches, schedule, validation, checkpoints) is `csm.training.loo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -209,7 +210,7 @@ class TorchTrainer(TrainingBackend):
                     + scale.acoustic_weight * per_codebook.sum() / max(scale.num_decoder_frames * per_codebook.numel(),
                                                                       1)) * scale.scale
         loss.backward()
-        return LossSums(float(c0_sum), float(c0_correct), float(selection.num_frames),
+        return LossSums(float(c0_sum.detach()), float(c0_correct), float(selection.num_frames),
                         per_codebook.detach().double().cpu().numpy(), float(selection.num_decoder_frames))
 
     def optimizer_step(self, lr: float) -> float:
@@ -239,7 +240,8 @@ class TorchTrainer(TrainingBackend):
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self, path: Path, extra: dict[str, Any]) -> None:
-        state = {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(), "extra": extra}
+        state = {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                 "extra": json.dumps(extra)}  # plain JSON: loadable with weights_only=True
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -258,7 +260,7 @@ class TorchTrainer(TrainingBackend):
             for name, value in state["trainable"].items():
                 params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
-        return state["extra"]
+        return json.loads(state["extra"])
 
     def save_weights(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -276,7 +278,7 @@ class TorchTrainer(TrainingBackend):
                           info={"speaker_id": self.config.speaker_id, "method": "lora",
                                 "style_name": self.config.style_name})
         else:
-            from csm.training.adapters import write_model_folder
+            from csm.training.outputs import write_model_folder
 
             state = {n: p.detach().cpu() for n, p in self.model.state_dict().items()}
             write_model_folder(out_dir, state, self.base_model)

@@ -72,10 +72,113 @@ def test_frame_selection_counts_and_eos():
     sel = select_frames(batch, fraction=1 / 16, rng=np.random.default_rng(1))
     assert sel.num_frames == 41 + 71 + 2
     assert sel.is_eos.sum() == 3 and set(np.flatnonzero(sel.is_eos)) <= set(sel.decoder)
-    assert sel.num_decoder_frames == max(3, int(np.ceil(114 / 16)))
+    assert sel.num_decoder_frames == 3 + int(np.ceil(111 / 16))
     assert set(sel.example[sel.decoder]) == {0, 1, 2}
     # every trained frame is predicted from the position before it
     assert np.all(sel.c0_rows == sel.frame_rows - 1)
     again = select_frames(batch, fraction=1 / 16, rng=np.random.default_rng(1))
     assert np.array_equal(sel.decoder, again.decoder)
     assert select_frames(batch, fraction=1.0).num_decoder_frames == 114
+
+
+CLIP_TEXTS = [("Short one.", 6), ("A much longer sentence for the second clip.", 15)]
+
+
+def test_fine_tune_teaches_length_and_stop(tiny_transformers_dir, tmp_path):
+    """Two clips of different lengths: after fine-tuning, greedy generation of each clip's text
+    gives that clip and stops within two frames of its length; the untrained model never stops."""
+    import csm
+
+    base_dir = tiny_transformers_dir[0]
+    rng = np.random.default_rng(0)
+    clips = [(text, rng.integers(0, 2048, (n, 32))) for text, n in CLIP_TEXTS]
+    examples = [Example(f"clip{i}", [Turn(0, text, codes)]) for i, (text, codes) in enumerate(clips)]
+    tuner = CSMFineTuner(model_path=str(base_dir), output_dir=tmp_path / "voice", method="full",
+                         learning_rate=3e-3, epochs=60, decoder_fraction=1.0, precision="float32", warmup_steps=0)
+    result = tuner.train(examples)
+    assert result.steps == 60 and result.last_metrics["c0_accuracy"] == 1.0
+    base = csm.load(str(base_dir), backend="torch", dtype="float32")
+    tuned = csm.load(str(tmp_path / "voice"), backend="torch", dtype="float32")
+    for text, codes in clips:
+        assert len(base.generate_codes(text, 0, topk=1, max_audio_length_ms=2000)) == 25  # runs to the limit
+        out = tuned.generate_codes(text, 0, topk=1, max_audio_length_ms=2000)
+        assert abs(len(out) - len(codes)) <= 2
+        assert np.array_equal(out[:len(codes)], codes[:len(out)])
+    lines = (tmp_path / "voice" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 60
+
+
+def _run_script(args: list[str], env_extra: dict | None = None, launcher: list[str] | None = None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("training_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.Popen([*(launcher or [sys.executable]), str(script), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_after_sigkill_is_bit_exact(tiny_transformers_dir, tmp_path):
+    import json
+    import signal
+    import time
+
+    base = str(tiny_transformers_dir[0])
+    settings = ["method=full", "epochs=6", "batch_size=2", "learning_rate=1e-3", "save_every=1",
+                "decoder_fraction=0.25", "validation_split=0"]
+    whole = _run_script([base, str(tmp_path / "whole"), *settings])
+    killed = _run_script([base, str(tmp_path / "killed"), *settings])
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it mid-run, once a few steps are checkpointed
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    steps_done = len(metrics.read_text().splitlines())
+    assert 5 <= steps_done < 12, steps_done
+    resumed = _run_script([base, str(tmp_path / "killed"), *settings, "resume=true"])
+    assert resumed.wait() == 0, resumed.stdout.read()
+    assert whole.wait() == 0, whole.stdout.read()
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 13))  # replayed steps were logged once
+
+
+def test_two_process_ddp_equals_one_process(tiny_transformers_dir, tmp_path):
+    import shutil
+    import sys
+
+    base = str(tiny_transformers_dir[0])
+    settings = ["method=full", "epochs=2", "batch_size=4", "grad_accum=1", "learning_rate=1e-3",
+                "decoder_fraction=0.5", "validation_split=0", "device=cpu"]
+    one = _run_script([base, str(tmp_path / "one"), *settings])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0"]
+    if shutil.which("torchrun") is None:
+        pass
+    two = _run_script([base, str(tmp_path / "two"), *settings], launcher=torchrun)
+    assert one.wait() == 0, one.stdout.read()
+    assert two.wait() == 0, two.stdout.read()
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    changed = [k for k in a if not torch.equal(a[k], _weights_base(base)[k])]
+    assert changed  # the runs trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def _weights_base(base: str) -> dict:
+    from csm.checkpoint import open_checkpoint
+    from csm_torch.loading import checkpoint_tensors
+
+    ckpt = open_checkpoint(base)
+    return dict(checkpoint_tensors(ckpt, torch.device("cpu"), torch.float32))

@@ -57,4 +57,4 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, mi
         return base_lr * (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
-    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + np.cos(np.pi * progress)))
+    return float(base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + np.cos(np.pi * progress))))

@@ -6,8 +6,8 @@ For a padded batch of examples (`collate`):
 - **codebook 0** (the backbone's head): at every trained audio frame, the EOS frame included.
   Frame t + 1 is predicted from the backbone state at position t (`c0_rows` -> `frame_rows`).
 - **codebooks 1..31** (the decoder): on a fixed count of the trained frames, `decoder_fraction`
-  of them (1/16 by default, rounded up), always every EOS frame and at least one frame per
-  example; the rest are drawn at random from the others. The decoder runs on
+  of them (1/16 by default, rounded up) drawn at random, plus every EOS frame (and at least one
+  frame per example). The decoder runs on
   `[h_t, E(c0), ..., E(c30)]` of the frame (32 positions) and position k predicts codebook k.
   The count is fixed per batch (not a per-frame coin): every step has the same shape for a
   given batch, and the loss is an unbiased mean over the frames' codebooks.
@@ -82,8 +82,10 @@ class FrameSelection:
 
 
 def decoder_frame_count(num_frames: int, num_required: int, fraction: float) -> int:
-    """K: the fixed count of decoder frames for a batch."""
-    return min(num_frames, max(num_required, math.ceil(num_frames * fraction)))
+    """K: the fixed count of decoder frames for a batch: the required ones (EOS frames) plus
+    `fraction` of the others, rounded up. The EOS frames come on top of the share, not out of
+    it: in a small batch they would otherwise be all the decoder ever sees."""
+    return min(num_frames, num_required + math.ceil((num_frames - num_required) * fraction))
 
 
 def select_frames(batch: Batch, fraction: float = 1 / 16, rng: np.random.Generator | None = None) -> FrameSelection:

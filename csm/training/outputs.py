@@ -1,0 +1,42 @@
+"""A fully fine-tuned model as a model folder in this project's format, loadable everywhere:
+`model.safetensors` (csm names) and `config.json`, with the base model's tokenizer and Mimi."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from csm.checkpoint import open_checkpoint
+from csm.convert import TOKENIZER_FILES, _find_mimi, _write_codec
+from csm.hub import resolve_model
+from csm.mimi_files import MIMI_FILE
+
+
+def write_model_folder(out_dir: Path, state: dict[str, Any], base_model: str) -> Path:
+    """`state`: every csm parameter (torch tensors). Each file lands atomically; other files in
+    `out_dir` (checkpoints, logs) are left alone."""
+    from safetensors.torch import save_file
+
+    base = open_checkpoint(resolve_model(base_model))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out_dir))
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(base.config.to_dict(), indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (base.root / name).is_file():
+                shutil.copy2(base.root / name, tmp / name)
+        found = _find_mimi(base, None, "csm")
+        if found is not None and not (out_dir / MIMI_FILE).is_file():
+            _write_codec(found, base, "csm", tmp, lambda t: t)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
