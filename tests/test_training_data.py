@@ -441,3 +441,45 @@ def test_resolve_training_data(tiny_model_dir, tmp_path, codec):
     assert codec.clips == 2  # the work folder's cache
     from_prepared = resolve_training_data(config.replace(data=str(tmp_path / "work"), audio_dir=None), tmp_path / "x")
     assert from_prepared.root == tmp_path / "work" and not (tmp_path / "x").exists()
+
+
+# --- the command ---
+
+
+def _run_cli(args):
+    """The command as its entry point runs it (one-line errors), output captured."""
+    from click.testing import CliRunner
+
+    from csm.cli.finetune_data import main
+
+    with CliRunner().isolation() as (stdout, stderr, *_):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        return SimpleNamespace(exit_code=code, stdout=stdout.getvalue().decode(), stderr=stderr.getvalue().decode())
+
+
+def test_cli_prepares_and_reports(tiny_model_dir, tmp_path):
+    write_pair(tmp_path / "v", "a", "Hello.", seconds=0.5, rate=16_000)
+    write_pair(tmp_path / "v", "b", "", seconds=0.5)
+    result = _run_cli(["--data", tmp_path / "v", "--output-dir", tmp_path / "out", "--model-path", tiny_model_dir,
+                       "--speaker-id", "2", "--validation-split", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    assert "1 clips" in result.stdout and "1 rejected" in result.stdout and "empty transcript" in result.stdout
+    assert PreparedDataset.open(tmp_path / "out").manifest["speakers"] == {"2": 1}
+
+
+def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
+    from csm.cli.common import EXIT_USAGE
+
+    (tmp_path / "empty").mkdir()
+    for args in (["--data", tmp_path / "empty"],
+                 ["--data", tmp_path / "empty", "--validation-split", "2"]):
+        result = _run_cli([*args, "--output-dir", tmp_path / "out", "--model-path", tiny_model_dir])
+        assert result.exit_code == EXIT_USAGE
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+        assert "Traceback" not in result.stderr
+    result = _run_cli(["--data", tmp_path / "empty"])
+    assert result.exit_code == EXIT_USAGE and "--output-dir" in result.stderr
