@@ -414,7 +414,7 @@ def test_prepared_folder_round_trip(prepare, tmp_path):
     opened = PreparedDataset.open(tmp_path / "out")
     assert opened.manifest == made.manifest and opened.root == tmp_path / "out"
     assert {len(opened.examples("train")), len(opened.examples("validation"))} == {1}
-    assert prepare(tmp_path / "out").manifest == made.manifest  # prepared data is returned as it is
+    assert prepare(tmp_path / "out", output_dir=None).manifest == made.manifest  # returned as it is
     summary = opened.summary()
     assert "2 clips" in summary and "1 train, 1 validation, 0 test" in summary
     with pytest.raises(CsmError, match="unknown split"):

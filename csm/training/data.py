@@ -82,9 +82,9 @@ def prepare_dataset(data: str | Path | None = None, output_dir: str | Path | Non
     `data` that is already a prepared folder is opened as it is. `output_dir` must be new, empty,
     or a prepared folder (whose cached codes are reused); any other folder needs `force`.
     `progress(done, total, what)` is called as clips are done; nothing is printed."""
-    _check_settings(output_dir, speaker_id, validation_split, test_split, max_clip_seconds)
     if data is not None and is_prepared(Path(data)):
         return PreparedDataset.open(data)
+    _check_settings(output_dir, speaker_id, validation_split, test_split, max_clip_seconds)
     output_dir = Path(output_dir).expanduser()
     check_output_dir(output_dir, force)
     source = open_source(data, audio_dir, transcript_dir, text_column=text_column, audio_column=audio_column,
@@ -112,7 +112,8 @@ def prepare_dataset(data: str | Path | None = None, output_dir: str | Path | Non
                      "validation_split": validation_split, "test_split": test_split, **settings},
         "rejected": source.rejected,
     }
-    # examples first, the manifest last: a folder's manifest never describes examples not yet written
+    # the manifest last: it is what makes a folder a prepared dataset, so a first preparation
+    # stopped halfway never looks finished
     lines = "".join(json.dumps(u.to_json(), ensure_ascii=False) + "\n" for u in units)
     write_atomically(output_dir / EXAMPLES, lambda f: f.write(lines.encode()))
     write_atomically(output_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
