@@ -21,7 +21,7 @@ from csm.backends import create_backend, select_backend
 from csm.checkpoint import open_checkpoint
 from csm.engine import Engine
 from csm.errors import CsmError
-from csm.hub import DEFAULT_MODEL, resolve_model
+from csm.hub import DEFAULT_MODEL
 from csm.mimi_files import CODEBOOK_SIZE
 from csm.prompt import Frames, Segment, build_prompt
 from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOPK, Sampling
@@ -265,25 +265,34 @@ class Generator:
 
 
 def load(
-    model: str | Path = DEFAULT_MODEL,
+    model: str | Path | None = None,
     backend: str = "auto",
     device: str | None = None,
     dtype: str | None = None,
     *,
+    adapter: str | Path | None = None,
     mimi: str | None = None,
     tokenizer: str | None = None,
     watermark_model: str | None = None,
     quantize: int | None = None,
     compile: bool | str | None = None,
 ) -> Generator:
-    """Load CSM from a local folder/file or a Hub repo id, on `backend` ("auto", "torch", "mlx").
+    """Load CSM from a local folder/file or a Hub repo id (default unsloth/csm-1b), on `backend`
+    ("auto", "torch", "mlx"). `adapter`: a LoRA adapter folder (`csm-finetune`'s, or peft's) merged
+    into the weights as they load; `model` may also be an adapter folder alone, whose base model is
+    then the one it names. The tokenizer and Mimi always come from the base model.
     `quantize` (4 or 8, MLX only) quantizes float weights at load; quantized folders need no flag.
     `compile` on torch: True/"default" or "max-autotune" compiles the frame's stacks with
     torch.compile (tens of seconds to minutes at first use, then ~2x faster frames on CUDA)."""
+    from csm.training.adapters import check_adapter, model_and_adapter
+
     name = select_backend(backend)
-    ckpt = open_checkpoint(resolve_model(model))
+    base, lora = model_and_adapter(model, adapter)
+    ckpt = open_checkpoint(base)
+    if lora is not None:
+        check_adapter(lora, ckpt.config)  # before any weight is read
     text_tokenizer = load_tokenizer(ckpt.root, tokenizer)
-    return Generator(create_backend(name, ckpt, device, dtype, mimi, quantize, compile), text_tokenizer,
+    return Generator(create_backend(name, ckpt, device, dtype, mimi, quantize, compile, adapter=lora), text_tokenizer,
                      watermark_model)
 
 

@@ -140,8 +140,9 @@ def select_backend(backend: str | None) -> str:
 
 
 def create_backend(name: str, ckpt, device, dtype, mimi, quantize: int | None = None,
-                   compile: bool | str | None = None) -> Backend:
-    """`compile` None keeps each backend's default: torch eager (graphed on CUDA), MLX mx.compile'd."""
+                   compile: bool | str | None = None, adapter=None) -> Backend:
+    """`compile` None keeps each backend's default: torch eager (graphed on CUDA), MLX mx.compile'd.
+    `adapter` (`csm.training.adapters.Adapter`) is merged into the weights as they load."""
     if name == "torch":
         if ckpt.quantization is not None:
             raise CsmError(f"{ckpt.root} holds weights quantized for MLX; load it with backend 'mlx' "
@@ -161,4 +162,4 @@ def create_backend(name: str, ckpt, device, dtype, mimi, quantize: int | None = 
     except ImportError as exc:
         raise CsmError(f"the {name} backend needs packages that are not installed ({exc}); "
                        f"install them with `{install}`") from None
-    return backend_class(ckpt, device=device, dtype=dtype, mimi=mimi, **options)
+    return backend_class(ckpt, device=device, dtype=dtype, mimi=mimi, adapter=adapter, **options)

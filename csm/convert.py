@@ -24,7 +24,9 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -43,7 +45,7 @@ from csm.mimi_files import (
     read_codec_state,
     resolve_mimi_weights,
 )
-from csm.weights import FORMATS, convert_state
+from csm.weights import FORMATS, convert_state, csm_tensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -119,18 +121,32 @@ def _write_codec(found: tuple[str, Path], ckpt: Checkpoint, to: str, tmp: Path, 
     return {CODEC_PREFIX + k: cast(v) for k, v in state.items()}, codec_config
 
 
-def _write_mlx(ckpt: Checkpoint, tmp: Path, dtype: str | None, quantize: int | None, group_size: int) -> None:
+def _write_mlx(ckpt: Checkpoint, tmp: Path, dtype: str | None, quantize: int | None, group_size: int,
+               adapter=None) -> None:
     try:
         from csm_mlx.convert import write_mlx
     except ImportError as exc:
         raise CsmError(f"--to mlx needs MLX ({exc}); install it with `pip install 'csm[mlx]'`") from None
-    write_mlx(ckpt, tmp, dtype, quantize, group_size)
+    write_mlx(ckpt, tmp, dtype, quantize, group_size, adapter)
+
+
+def _source_tensors(ckpt: Checkpoint, adapter, target) -> tuple[Iterable[tuple[str, Any]], str]:
+    """The checkpoint's tensors and their layout; with an adapter (`csm.training.adapters`), merged
+    (in csm's layout), each merged tensor rounded once, into `target` or its own dtype."""
+    if adapter is None:
+        return iter_tensors(ckpt), ckpt.format
+    from csm.training.adapters import merged_tensors
+
+    tensors = csm_tensors(iter_tensors(ckpt), ckpt.format, ckpt.config)
+    return merged_tensors(tensors, adapter, ckpt.config, dtype=target), "csm"
 
 
 def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None, force: bool = False,
-            quantize: int | None = None, group_size: int = 64, mimi: str | Path | None = None) -> Path:
+            quantize: int | None = None, group_size: int = 64, mimi: str | Path | None = None,
+            adapter=None) -> Path:
     """Write the checkpoint `src` in layout `to` into the new folder `dst` (see the module doc);
-    `mimi`: kyutai's Mimi file to carry along instead of the one SRC has (or has not)."""
+    `mimi`: kyutai's Mimi file to carry along instead of the one SRC has (or has not); `adapter`:
+    a `csm.training.adapters.Adapter` to merge into the weights on the way."""
     import torch
     from safetensors.torch import save_file
 
@@ -158,10 +174,11 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
     try:
         codec, codec_config = _write_codec(found_mimi, ckpt, to, tmp, cast) if found_mimi else ({}, None)
         if to == "mlx":
-            _write_mlx(ckpt, tmp, dtype, quantize, group_size)
+            _write_mlx(ckpt, tmp, dtype, quantize, group_size, adapter)
         else:
+            source, layout = _source_tensors(ckpt, adapter, target)
             # convert_state leaves a transformers checkpoint's codec_model.* out: Mimi is `codec`
-            tensors = dict(convert_state(iter_tensors(ckpt), ckpt.format, to, ckpt.config, cast)) | codec
+            tensors = dict(convert_state(source, layout, to, ckpt.config, cast)) | codec
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(_config_dict(ckpt, to, codec_config), indent=2) + "\n")
         for name in TOKENIZER_FILES:

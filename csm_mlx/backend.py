@@ -35,14 +35,14 @@ class MlxBackend(Backend):
     park_threads = True
 
     def __init__(self, ckpt: Checkpoint, device: str | None = None, dtype: str | None = None, mimi: str | None = None,
-                 quantize: int | None = None, group_size: int = 64, compile: bool = True):
+                 quantize: int | None = None, group_size: int = 64, compile: bool = True, adapter=None):
         super().__init__(ckpt.config, ckpt.root, mimi)
         self.mlx_device = pick_device(device)
         # MLX places work on its default device; a process runs one MLX model, so set it once
         mx.set_default_device(self.mlx_device)
         self.device = "gpu" if self.mlx_device == mx.gpu else "cpu"
         self.dtype = pick_dtype(dtype, self.mlx_device)
-        self.model = load_checkpoint(ckpt, self.dtype, quantize=quantize, group_size=group_size)
+        self.model = load_checkpoint(ckpt, self.dtype, quantize=quantize, group_size=group_size, adapter=adapter)
         self.compile = compile
         self._turns = DeviceTurns(self.mlx_device)
 

@@ -20,11 +20,13 @@ from csm_mlx.quantize import quantization_config
 
 
 def write_mlx(ckpt: Checkpoint, folder: Path, dtype: str | None = None, quantize: int | None = None,
-              group_size: int = 64) -> None:
-    """Write model.safetensors and config.json of `ckpt` into `folder` (float32 unless `dtype`)."""
+              group_size: int = 64, adapter=None) -> None:
+    """Write model.safetensors and config.json of `ckpt` into `folder` (float32 unless `dtype`),
+    with `adapter` (`csm.training.adapters.Adapter`) merged before quantizing, if given."""
     if ckpt.quantization is not None:
         raise CsmError(f"{ckpt.root} is already quantized; convert the float checkpoint instead")
-    model = load_checkpoint(ckpt, DTYPES[dtype or "float32"], quantize=quantize, group_size=group_size)
+    model = load_checkpoint(ckpt, DTYPES[dtype or "float32"], quantize=quantize, group_size=group_size,
+                            adapter=adapter)
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())),
                         metadata={"format": "mlx"})
     config = ckpt.config.to_dict()

@@ -64,11 +64,21 @@ def materialize(module) -> None:
 
 
 def load_checkpoint(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32, quantize: int | None = None,
-                    group_size: int = 64) -> Model:
-    """A checkpoint's model; a quantized folder's config.json says how it was quantized."""
+                    group_size: int = 64, adapter=None) -> Model:
+    """A checkpoint's model; a quantized folder's config.json says how it was quantized. `adapter`
+    (`csm.training.adapters.Adapter`) is merged into the float weights, before any quantization."""
     if ckpt.quantization is None:
-        return load_model(ckpt.config, csm_tensors(checkpoint_arrays(ckpt), ckpt.format, ckpt.config), dtype,
-                          quantize, group_size, source=f"{ckpt.format} checkpoint {ckpt.root}")
+        tensors = csm_tensors(checkpoint_arrays(ckpt), ckpt.format, ckpt.config)
+        if adapter is not None:
+            from csm.training.adapters import merged_tensors
+
+            # merged from the weights as stored, rounded once into the model's dtype
+            tensors = merged_tensors(tensors, adapter, ckpt.config, dtype=dtype)
+        return load_model(ckpt.config, tensors, dtype, quantize, group_size,
+                          source=f"{ckpt.format} checkpoint {ckpt.root}")
+    if adapter is not None:
+        raise CsmError(f"{ckpt.root} is quantized, and an adapter merges into float weights; load the float "
+                       "base model (with --quantize to quantize after merging)")
     if quantize is not None:
         raise CsmError(f"{ckpt.root} is already quantized ({ckpt.quantization}); load it without --quantize")
     model = Model(ckpt.config)

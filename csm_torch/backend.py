@@ -14,13 +14,21 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, ckpt: Checkpoint, device: str | None = None, dtype: str | None = None, mimi: str | None = None,
-                 compile: bool | str = False):
+                 compile: bool | str = False, adapter=None):
         super().__init__(ckpt.config, ckpt.root, mimi)
         self.torch_device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.torch_device)
         self.device = str(self.torch_device)
-        model = load_model(ckpt.config, checkpoint_tensors(ckpt, self.torch_device, self.dtype), self.torch_device,
-                           self.dtype, source=f"{ckpt.format} checkpoint {ckpt.root}")
+        if adapter is None:
+            tensors = checkpoint_tensors(ckpt, self.torch_device, self.dtype)
+        else:
+            from csm.training.adapters import merged_tensors
+
+            # merged from the weights as stored, rounded once into the model's dtype
+            tensors = merged_tensors(checkpoint_tensors(ckpt, self.torch_device, None), adapter, ckpt.config,
+                                     dtype=self.dtype)
+        model = load_model(ckpt.config, tensors, self.torch_device, self.dtype,
+                           source=f"{ckpt.format} checkpoint {ckpt.root}")
         self.model = fuse_for_inference(model)
         self.compile = compile
         # torch.compile traces at the first frame of each batch bucket, patching nn.Module calls

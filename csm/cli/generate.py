@@ -79,11 +79,11 @@ def run(opts: dict) -> None:
         import csm
 
         gen = csm.load(opts["model"], backend=opts["backend"], device=opts["device"], dtype=opts["dtype"],
-                       mimi=opts["mimi"], tokenizer=opts["tokenizer"], watermark_model=opts["watermark_model"],
-                       quantize=opts.get("quantize"), compile=opts["compile"])
+                       adapter=opts["adapter"], mimi=opts["mimi"], tokenizer=opts["tokenizer"],
+                       watermark_model=opts["watermark_model"], quantize=opts.get("quantize"), compile=opts["compile"])
         # Mimi (and the watermark) must be there before the first frame, not after the last
         watermark_key = gen.prepare_audio(watermark=not opts["no_watermark"], watermark_key=key)
-        click.echo(f"loaded {opts['model']} on {gen.backend}/{gen.device}", err=True)
+        click.echo(f"loaded {describe_model(opts)} on {gen.backend}/{gen.device}", err=True)
         request = dict(text=text, speaker=opts["speaker"], context=context,
                        max_audio_length_ms=sampling.max_audio_length_ms, temperature=sampling.temperature,
                        topk=sampling.topk, top_p=sampling.top_p, seed=sampling.seed)
@@ -110,6 +110,12 @@ def run(opts: dict) -> None:
                            f"time here; use -o FILE, or a larger --first-chunk-frames", err=True)
         elif opts["play"]:
             play(audio, gen.sample_rate)
+
+
+def describe_model(opts: dict) -> str:
+    if opts["adapter"] is None:
+        return str(opts["model"] or DEFAULT_MODEL)
+    return f"{opts['model'] or 'the base model'} with adapter {opts['adapter']}"
 
 
 def generate_whole(gen, request: dict, bar):
@@ -171,8 +177,11 @@ def make_command(backend: str | None = None, name: str = "csm-generate", extra_o
         click.option("--speaker", "-s", type=int, default=0, show_default=True, help="Speaker id of the new turn."),
         click.option("--context", "-c", type=click.Path(),
                      help='JSON list of {"speaker", "text", "audio"} turns before this one.'),
-        click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
-                     help="Local folder/file or Hub repo id."),
+        click.option("--model", "-m",
+                     help=f"Local folder/file or Hub repo id [default: {DEFAULT_MODEL}, or the base model "
+                          "--adapter names]."),
+        click.option("--adapter", type=click.Path(),
+                     help="LoRA adapter folder (csm-finetune's or peft's) to merge into the model at load."),
         click.option("--mimi",
                      help="Mimi weights (tokenizer-e351c8d8-checkpoint125.safetensors) if not in the model folder."),
         click.option("--tokenizer", help="tokenizer.json, a folder or Hub id if not in the model folder."),
