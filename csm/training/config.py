@@ -17,7 +17,7 @@ from csm.errors import CsmError
 
 METHODS = ("lora", "full")
 PRECISIONS = ("auto", "float32", "bfloat16")
-TRAIN_ON = ("last", "speaker")
+TRAIN_ON = ("last", "speaker", "all")
 # The linear layers LoRA may adapt, by their names in both stacks (never Mimi's: it is not in
 # the model, and its codes are discrete, so no gradient could reach it anyway).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -59,7 +59,8 @@ class TrainConfig:
     decoder_fraction: float = field(default=1 / 16, metadata={
         "help": "share of audio frames the decoder loss is computed on (1 = all; all when the backbone is frozen)"})
     train_on: str = field(default="last", metadata={
-        "help": "turns of a conversation trained: last (each turn once, after its context) or speaker (--speaker-id's turns only)"})
+        "help": "turns of a conversation trained: last (each turn once, after its context), speaker "
+                "(--speaker-id's turns only) or all (runs of turns that fit, all trained)"})
     context_turns: int | None = field(default=None, metadata={
         "help": "at most this many earlier turns as context (default: all that fit)"})
     # --- optimisation ---
@@ -116,7 +117,7 @@ class TrainConfig:
         need(bool(self.lora_targets) or self.method != "lora", "lora_targets is empty: name at least one layer")
         need(not (self.freeze_backbone and self.freeze_decoder and not self.train_embeddings),
              "freeze_backbone and freeze_decoder together leave nothing to train")
-        need(self.semantic_weight >= 0 and self.acoustic_weight >= 0 and self.semantic_weight + self.acoustic_weight > 0,
+        need(min(self.semantic_weight, self.acoustic_weight) >= 0 and self.semantic_weight + self.acoustic_weight > 0,
              "semantic_weight and acoustic_weight must be non-negative and not both zero")
         need(0 < self.decoder_fraction <= 1, f"decoder_fraction must be in (0, 1], got {self.decoder_fraction}")
         need(self.context_turns is None or self.context_turns >= 0, "context_turns must be 0 or more")

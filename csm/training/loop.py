@@ -131,7 +131,7 @@ class TrainingBackend(ABC):
         """Sum over processes (identity for one process)."""
         return values
 
-    def barrier(self) -> None:
+    def barrier(self) -> None:  # noqa: B027 (a no-op is right for one process)
         """Wait for every process (a no-op for one)."""
 
 

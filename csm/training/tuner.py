@@ -24,7 +24,7 @@ from csm.checkpoint import open_checkpoint
 from csm.errors import CsmError
 from csm.hub import resolve_model
 from csm.text import load_tokenizer
-from csm.training.config import TrainConfig, config_from
+from csm.training.config import config_from
 from csm.training.examples import Example, TrainingFrames, build_training_frames
 from csm.training.loop import TrainResult, evaluate, run_training
 
@@ -121,8 +121,14 @@ class CSMFineTuner:
 
             train_dataset = resolve_training_data(self.config, self.output_dir / "data")
         train = self.frames(train_dataset, "train")
+        if val_dataset is None and self.config.validation_data is not None:
+            from csm.training.data import resolve_training_data
+
+            val_dataset = resolve_training_data(self.config.replace(data=self.config.validation_data,
+                                                                    validation_split=0.0),
+                                                self.output_dir / "validation_data")
         if val_dataset is not None:
-            validation = self.frames(val_dataset, "validation" if not isinstance(val_dataset, list) else "train")
+            validation = self.frames(val_dataset, "train" if _is_whole(val_dataset) else "validation")
         elif isinstance(train_dataset, list):
             validation = []
         else:
@@ -132,8 +138,16 @@ class CSMFineTuner:
         backend = self._build()
         if backend.rank == 0:
             self._write_run_file()
-        result = run_training(backend, train, validation, self.config, self.output_dir, resume=resume,
-                              on_event=on_event)
+        try:
+            result = run_training(backend, train, validation, self.config, self.output_dir, resume=resume,
+                                  on_event=on_event)
+        except (MemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not _is_out_of_memory(exc):
+                raise
+            raise CsmError(
+                f"ran out of memory ({str(exc).splitlines()[0][:120]}); lower --batch-frames or --batch-size, "
+                "add --gradient-checkpointing, or train LoRA instead of full (--method lora); "
+                "resume with --resume from the last checkpoint") from None
         if self.config.merge and self.config.method == "lora" and backend.rank == 0:
             from csm.training.adapters import merge_adapter
 
@@ -180,3 +194,18 @@ def _base_model_reference(model_path: str) -> str:
     """How an adapter names its base: a local path made absolute, a Hub id as given."""
     path = Path(model_path).expanduser()
     return str(path.resolve()) if path.exists() else model_path
+
+
+def _is_whole(dataset: Any) -> bool:
+    """A dataset used whole for validation: a list of examples, or a prepared folder made for
+    validation alone (no split of its own)."""
+    if isinstance(dataset, list):
+        return True
+    from csm.training.data import PreparedDataset
+
+    return isinstance(dataset, PreparedDataset) and not dataset.stored_examples("validation")
+
+
+def _is_out_of_memory(exc: RuntimeError) -> bool:
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or type(exc).__name__ == "OutOfMemoryError"
