@@ -49,7 +49,8 @@ def test_voice_from_recordings_loads_on_both_backends(tiny_model_dir, tmp_path):
     result = invoke(["train", "--model-path", str(tiny_model_dir), "--audio-dir", str(audio_dir),
                      "--transcript-dir", str(text_dir), "--output-dir", str(out), "--epochs", "150",
                      "--method", "full", "--learning-rate", "3e-3", "--decoder-fraction", "1",
-                     "--validation-split", "0", "--precision", "float32", "--warmup-steps", "0", "--save-every", "1000", "--speaker-id", "0"])
+                     "--validation-split", "0", "--precision", "float32", "--warmup-steps", "0",
+                     "--save-every", "1000", "--speaker-id", "0"])
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert json.loads((out / "train_config.json").read_text())["method"] == "full"
