@@ -98,7 +98,7 @@ class ObjectiveModule(nn.Module):
 class TorchTrainer(TrainingBackend):
     checkpoint_name = "checkpoint_latest.pt"
 
-    def __init__(self, config: TrainConfig, ckpt: Checkpoint, base_model: str):
+    def __init__(self, config: TrainConfig, ckpt: Checkpoint, base_model: str, adapter=None):
         self.config = config
         self.base_model = base_model
         self._init_distributed(config)
@@ -106,7 +106,14 @@ class TorchTrainer(TrainingBackend):
         # frozen weights of a LoRA run may live in bf16 on a GPU; trained ones are float32
         load_dtype = torch.bfloat16 if self.precision == torch.bfloat16 and config.method == "lora" else torch.float32
         torch.manual_seed(config.seed)  # LoRA's A matrices
-        model = load_model(ckpt.config, checkpoint_tensors(ckpt, self.device, load_dtype), self.device, load_dtype,
+        if adapter is None:
+            tensors = checkpoint_tensors(ckpt, self.device, load_dtype)
+        else:  # training on from a LoRA voice: its adapter merged into the base, rounded once
+            from csm.training.adapters import merged_tensors
+
+            tensors = merged_tensors(checkpoint_tensors(ckpt, self.device, None), adapter, ckpt.config,
+                                     dtype=load_dtype)
+        model = load_model(ckpt.config, tensors, self.device, load_dtype,
                            source=f"{ckpt.format} checkpoint {ckpt.root}")
         self.model = model
         self.lora_regex: str | None = None
@@ -166,7 +173,11 @@ class TorchTrainer(TrainingBackend):
         return torch.bfloat16
 
     def _inject_lora(self, model: Model) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise CsmError("LoRA needs peft: install the train extra (pip install 'csm[train]', or "
+                           "uv run --extra train ...)") from None
 
         c = self.config
         self.lora_regex = lora_target_regex(c)
@@ -284,6 +295,8 @@ class TorchTrainer(TrainingBackend):
             write_model_folder(out_dir, state, self.base_model)
 
     def peak_memory_bytes(self) -> int:
+        """CUDA: the most the run's tensors have held; CPU: the process's peak resident memory
+        (model loading included: a CPU run has no allocator statistics of its own)."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         try:

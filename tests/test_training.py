@@ -185,3 +185,24 @@ def _weights_base(base: str) -> dict:
 
     ckpt = open_checkpoint(base)
     return dict(checkpoint_tensors(ckpt, torch.device("cpu"), torch.float32))
+
+
+def test_validation_keeps_best_and_speaks_samples(tiny_model_dir, watermark_dir, tmp_path, monkeypatch):
+    """Validation every epoch on fixed frames: the best weights are the result, and each
+    validation writes the sample prompts' clips."""
+    import json
+
+    monkeypatch.setenv("CSM_WATERMARK_MODEL", str(watermark_dir))
+    rng = np.random.default_rng(0)
+    examples = [random_example(rng, "a", 6), random_example(rng, "b", 9)]
+    tuner = CSMFineTuner(model_path=str(tiny_model_dir), output_dir=tmp_path / "voice", learning_rate=1e-2,
+                         epochs=2, precision="float32", sample_prompts=["Hello there."])
+    result = tuner.train(examples, val_dataset=examples)
+    records = [json.loads(line) for line in (tmp_path / "voice" / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in records if r["kind"] == "validation"]
+    assert len(validations) == 2 and result.best_validation_loss == min(r["loss"] for r in validations)
+    assert sorted(p.name for p in (tmp_path / "voice" / "samples").iterdir()) == ["step000001_0.wav",
+                                                                                  "step000002_0.wav"]
+    # the same weights give the same validation loss: no random frames in validation
+    again = CSMFineTuner(model_path=str(tmp_path / "voice"), output_dir=tmp_path / "x", precision="float32")
+    assert again.evaluate(examples)["loss"] == pytest.approx(result.best_validation_loss, rel=1e-6)

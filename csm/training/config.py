@@ -73,7 +73,7 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the accumulated gradient to this norm (0: off)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup_steps: int | None = field(default=None, metadata={
-        "help": "linear warmup in optimizer steps (default: 5%% of the run)"})
+        "help": "linear warmup in optimizer steps (default: 5% of the run)"})
     backbone_lr_scale: float = field(default=0.1, metadata={"help": "backbone learning rate / base"})
     decoder_lr_scale: float = field(default=1.0, metadata={"help": "decoder and heads learning rate / base"})
     embeddings_lr_scale: float = field(default=0.5, metadata={"help": "embeddings learning rate / base"})
@@ -95,7 +95,8 @@ class TrainConfig:
     backend: str = field(default="auto", metadata={"help": "auto, torch or mlx"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu or mps (default: the best there is)"})
     normalize_loudness: bool = field(default=False, metadata={"help": "normalise each clip to -23 LUFS"})
-    max_clip_seconds: float = field(default=30.0, metadata={"help": "refuse (or split, given timestamps) longer clips"})
+    max_clip_seconds: float = field(default=30.0, metadata={
+        "help": "refuse longer clips (a JSONL manifest's start/end cut long recordings into turns)"})
 
     def __post_init__(self):
         self.validate()
@@ -115,7 +116,7 @@ class TrainConfig:
         need(not unknown, f"unknown LoRA target(s) {', '.join(unknown)}; choose from "
                           f"{', '.join(LORA_TARGETS + LORA_EXTRA_TARGETS)}")
         need(bool(self.lora_targets) or self.method != "lora", "lora_targets is empty: name at least one layer")
-        need(not (self.freeze_backbone and self.freeze_decoder and not self.train_embeddings),
+        need(not (self.freeze_backbone and self.freeze_decoder and not self.trains_embeddings),
              "freeze_backbone and freeze_decoder together leave nothing to train")
         need(min(self.semantic_weight, self.acoustic_weight) >= 0 and self.semantic_weight + self.acoustic_weight > 0,
              "semantic_weight and acoustic_weight must be non-negative and not both zero")
@@ -158,8 +159,10 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
-# Sesame's fine-tuning design, one preset per kind of run. The learning rates are its
-# full-fine-tuning ones; LoRA usually wants about 10x more (--learning-rate).
+# Sesame's fine-tuning design, one preset per kind of run. Its learning rates are for updating
+# the weights themselves; a LoRA run of a preset uses LORA_LR_FACTOR times as much (its update
+# starts from zero and lives in a few directions) unless a learning rate is given.
+LORA_LR_FACTOR = 10.0
 PRESETS: dict[str, dict[str, Any]] = {
     # 5-10 minutes of one voice: decoder and codebook projections; the backbone keeps its language
     "voice-adapt": {"freeze_backbone": True, "learning_rate": 2e-5, "epochs": 5,
@@ -184,7 +187,13 @@ def config_from(preset: str | None = None, file: str | Path | None = None, **ove
         values |= PRESETS[preset]
     if file is not None:
         values |= read_config_file(file)
-    values |= {k: v for k, v in overrides.items() if v is not None}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values |= given
+    from_preset = preset is not None and "learning_rate" in PRESETS[preset] and (
+        values.get("learning_rate") == PRESETS[preset]["learning_rate"] and "learning_rate" not in given
+        and (file is None or "learning_rate" not in read_config_file(file)))
+    if from_preset and values.get("method", "lora") == "lora":
+        values["learning_rate"] = PRESETS[preset]["learning_rate"] * LORA_LR_FACTOR
     return TrainConfig(**values)
 
 

@@ -249,6 +249,7 @@ def run_training(
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(WARMUP_SHARE * steps)
     state = RunState()
     latest = checkpoints / backend.checkpoint_name
+    best_state = checkpoints / backend.checkpoint_name.replace("latest", "best")
     if resume:
         if not latest.is_file():
             raise CsmError(f"nothing to resume: {latest} does not exist (start without --resume)")
@@ -273,6 +274,8 @@ def run_training(
             state.best_loss, state.best_step, state.bad_evals = metrics["loss"], state.step, 0
             if is_main:
                 backend.save_weights(best_dir)
+                backend.save_checkpoint(best_state, {"version": CHECKPOINT_VERSION, "state": vars(state),
+                                                     "config": config.to_dict()})
         else:
             state.bad_evals += 1
         record = {"kind": "validation", "step": state.step, "epoch": state.epoch, **metrics,
@@ -335,12 +338,13 @@ def run_training(
                 checkpoint()
     if is_main:
         checkpoint()
-        final_dir = output_dir
         if validation and best_dir.is_dir():
-            _install(best_dir, final_dir)
+            _install(best_dir, output_dir)
         else:
-            backend.save_weights(final_dir)
+            backend.save_weights(output_dir)
     backend.barrier()
+    if validation and best_state.is_file():  # the weights in memory are the result's too
+        backend.load_checkpoint(best_state)
     epochs_done = state.epoch + state.group / max(1, math.ceil(len(plan[min(state.epoch, len(plan) - 1)])
                                                                 / config.grad_accum))
     return TrainResult(steps=state.step, epochs_completed=epochs_done, best_validation_loss=state.best_loss,

@@ -22,17 +22,18 @@ from typing import Any
 from csm.backends import select_backend
 from csm.checkpoint import open_checkpoint
 from csm.errors import CsmError
-from csm.hub import resolve_model
+from csm.mimi_files import FRAME_MS, MIMI_FILE
 from csm.text import load_tokenizer
-from csm.training.config import config_from
+from csm.training.config import TrainConfig, config_from
 from csm.training.examples import Example, TrainingFrames, build_training_frames
 from csm.training.loop import TrainResult, evaluate, run_training
 
 RUN_FILE = "train_config.json"
+SAMPLE_MS = 10_000  # longest sample clip
 # what a run writes into its output folder; anything else there is the user's
-RUN_OUTPUTS = {"checkpoints", "metrics.jsonl", RUN_FILE, "data", "samples", "adapter_model.safetensors",
-               "adapter_config.json", "csm_adapter.json", "model.safetensors", "config.json", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "merged"}
+RUN_OUTPUTS = {"checkpoints", "metrics.jsonl", RUN_FILE, "data", "validation_data", "samples",
+               "adapter_model.safetensors", "adapter_config.json", "csm_adapter.json", "model.safetensors",
+               "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "merged", MIMI_FILE}
 
 
 class CSMFineTuner:
@@ -46,6 +47,7 @@ class CSMFineTuner:
         self._backend = None
         self._tokenizer = None
         self._ckpt = None
+        self._adapter = None
 
     @property
     def output_dir(self) -> Path:
@@ -63,8 +65,13 @@ class CSMFineTuner:
         return self
 
     def _open(self):
+        """The base checkpoint, and the adapter when `model_path` is an adapter folder (a voice
+        trained with LoRA): its weights are then the base's with the adapter merged in."""
         if self._ckpt is None:
-            self._ckpt = open_checkpoint(resolve_model(self.config.model_path))
+            from csm.training.adapters import model_and_adapter
+
+            base, self._adapter = model_and_adapter(self.config.model_path, None)
+            self._ckpt = open_checkpoint(base)
             self._tokenizer = load_tokenizer(self._ckpt.root)
         return self._ckpt
 
@@ -76,7 +83,10 @@ class CSMFineTuner:
                 raise CsmError("fine-tuning on MLX is not available yet; use --backend torch")
             from csm_torch.training import TorchTrainer
 
-            self._backend = TorchTrainer(self.config, ckpt, base_model=_base_model_reference(self.config.model_path))
+            base_model = _base_model_reference(self.config.model_path)
+            if self._adapter is not None:
+                base_model = str(self._ckpt.root)
+            self._backend = TorchTrainer(self.config, ckpt, base_model=base_model, adapter=self._adapter)
         return self._backend
 
     # --- data --------------------------------------------------------------------------------------
@@ -111,36 +121,37 @@ class CSMFineTuner:
         if changes:
             self.config = self.config.replace(**changes)
             self._backend = None
-        self._check_output_dir(resume, force)
-        if train_dataset is None:
-            train_dataset = self.config.data or self.config.audio_dir
-            if train_dataset is None:
-                raise CsmError("no training data: give --data (or --audio-dir with --transcript-dir)")
-        if self.config.audio_dir and train_dataset == self.config.audio_dir:
-            from csm.training.data import resolve_training_data
-
-            train_dataset = resolve_training_data(self.config, self.output_dir / "data")
-        train = self.frames(train_dataset, "train")
-        if val_dataset is None and self.config.validation_data is not None:
-            from csm.training.data import resolve_training_data
-
-            val_dataset = resolve_training_data(self.config.replace(data=self.config.validation_data,
-                                                                    validation_split=0.0),
-                                                self.output_dir / "validation_data")
-        if val_dataset is not None:
-            validation = self.frames(val_dataset, "train" if _is_whole(val_dataset) else "validation")
-        elif isinstance(train_dataset, list):
-            validation = []
-        else:
-            validation = self.frames(train_dataset, "validation")
-        if not train:
-            raise CsmError("the training split is empty: add data or lower --validation-split")
-        backend = self._build()
+        if self.config.backend not in ("auto", "torch"):
+            self._build()  # refuses a backend that cannot train yet, before any data is prepared
+        self._open()
+        if self._adapter is not None and self.config.method == "lora":
+            raise CsmError(f"{self.config.model_path} is a LoRA adapter: a second adapter on top of it could not be "
+                           "loaded alone. Merge it first (csm-finetune merge) and train on the merged folder, or "
+                           "use --method full")
+        # Under torchrun the first process checks the folder and prepares the data while the
+        # others wait, then they open what it prepared.
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        backend = self._build() if distributed else None
+        main_process = backend is None or backend.rank == 0
+        if main_process:
+            self._check_output_dir(resume, force)
+            train, validation = self._training_frames(train_dataset, val_dataset)
+        if backend is not None:
+            backend.barrier()
+        if not main_process:
+            train, validation = self._training_frames(train_dataset, val_dataset)
+        backend = backend or self._build()
         if backend.rank == 0:
             self._write_run_file()
+        on_validation = None
+        if self.config.sample_prompts and validation:
+            from csm.watermark import Watermarker
+
+            Watermarker.load()  # samples are watermarked: a missing watermark model fails now, not mid-run
+            on_validation = self._write_samples
         try:
             result = run_training(backend, train, validation, self.config, self.output_dir, resume=resume,
-                                  on_event=on_event)
+                                  on_event=on_event, on_validation=on_validation)
         except (MemoryError, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and not _is_out_of_memory(exc):
                 raise
@@ -153,6 +164,57 @@ class CSMFineTuner:
 
             merge_adapter(self.output_dir, self.output_dir / "merged", force=True)
         return result
+
+    def _write_samples(self, step: int) -> None:
+        """Speak each sample prompt with the weights as they are now (greedy, so clips from one
+        validation to the next differ by the training alone) into samples/step<N>_<i>.wav."""
+        import csm
+        from csm.audio import write_wav
+
+        weights = self.output_dir / "checkpoints" / "sampling"
+        self._backend.save_weights(weights)
+        voice = csm.load(str(weights), backend="torch", device=str(self._backend.device), dtype="float32")
+        samples = self.output_dir / "samples"
+        samples.mkdir(exist_ok=True)
+        for i, text in enumerate(self.config.sample_prompts):
+            room = voice.config.backbone.max_seq_len - len(voice.prompt(text, self.config.speaker_id)) - 1
+            audio = voice.generate(text, speaker=self.config.speaker_id, topk=1, seed=self.config.seed,
+                                   max_audio_length_ms=min(SAMPLE_MS, room * FRAME_MS))
+            write_wav(samples / f"step{step:06d}_{i}.wav", audio, voice.sample_rate, force=True)
+
+    def _training_frames(self, train_dataset: Any, val_dataset: Any) -> tuple[list, list]:
+        """(training frames, validation frames): the training data's train split and validation
+        split, or all of it when separate validation data is given."""
+        c = self.config
+        if train_dataset is None:
+            train_dataset = c.data or c.audio_dir
+            if train_dataset is None:
+                raise CsmError("no training data: give --data (or --audio-dir with --transcript-dir)")
+            train_dataset = self._dataset(c, "data")
+        if val_dataset is None and c.validation_data is not None:
+            val_dataset = self._dataset(c.replace(data=c.validation_data, audio_dir=None, transcript_dir=None,
+                                                  validation_split=0.0), "validation_data")
+        separate = val_dataset is not None or isinstance(train_dataset, list)
+        train = self.frames(train_dataset, None if separate and not isinstance(train_dataset, list) else "train")
+        if not train:
+            raise CsmError("the training split is empty: add data or lower --validation-split")
+        if val_dataset is not None:
+            validation = self.frames(val_dataset, "train" if _is_whole(val_dataset) else "validation")
+        elif isinstance(train_dataset, list):
+            validation = []
+        else:
+            validation = self.frames(train_dataset, "validation")
+        return train, validation
+
+    def _dataset(self, config: TrainConfig, folder: str):
+        """Prepared data for `config.data` (or its audio folders): prepared into the output folder
+        by the first process; a later process opens what it wrote."""
+        from csm.training.data import PreparedDataset, is_prepared, resolve_training_data
+
+        work_dir = self.output_dir / folder
+        if self._backend is not None and self._backend.rank > 0 and is_prepared(work_dir):
+            return PreparedDataset.open(work_dir)
+        return resolve_training_data(config, work_dir)
 
     def evaluate(self, dataset: Any, split: str = "validation") -> dict[str, Any]:
         """Loss on every frame of `dataset`'s `split` (a list of examples is used whole):
