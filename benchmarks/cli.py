@@ -15,8 +15,11 @@ and trainable parameters of csm's LoRA and full fine-tuning (the real TorchTrain
 transformers' model with peft LoRA and in full, on the same random weights and one fixed batch
 of synthetic clips (bf16 autocast on CUDA, float32 on CPUs):
 
-    python -m benchmarks --task train --preset small --device cpu --batch 2 --clip-seconds 4 --steps 8
+    python -m benchmarks --task train --preset small --device cpu --threads 1 --batch 2 --clip-seconds 4 --steps 8
     python -m benchmarks --task train --preset csm-1b --device cuda --batch 8 --clip-seconds 10 --steps 10
+
+(the first is RESULTS.md's CPU section; add `--decoder-fraction 1 --impl csm-lora csm-full` for
+csm with its decoder on every frame, as transformers' rows have theirs)
 """
 
 from __future__ import annotations

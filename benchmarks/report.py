@@ -185,14 +185,21 @@ def train_section(rows: list[dict]) -> str:
 
 
 def train_ratios(rows: list[dict]) -> list[str]:
-    """"a / b audio s/s: N x" for each pair of TRAIN_RATIOS measured at the same dtype and batch."""
-    found = {(r["impl"], r["dtype"], r["batch"], r["clip_seconds"]): r for r in rows if r.get("audio_s_per_s")}
+    """"ours / theirs audio s/s: N x" for each pair of TRAIN_RATIOS measured at the same dtype and
+    batch (each of our rows against the first of theirs; ours named by their decoder fraction,
+    which a run may change while transformers' decoder always sees every frame)."""
+    def key(r: dict) -> tuple:
+        return r["dtype"], r["batch"], r["clip_seconds"]
+
+    measured = [r for r in rows if r.get("audio_s_per_s")]
     lines = []
-    for (impl, dtype, batch, clip), row in found.items():
-        for ours, theirs in TRAIN_RATIOS:
-            other = found.get((theirs, dtype, batch, clip))
-            if impl == ours and other:
-                lines.append(f"{ours} / {theirs} audio s/s ({dtype}, batch {batch} x {clip:g} s): "
+    for ours, theirs in TRAIN_RATIOS:
+        for row in (r for r in measured if r["impl"] == ours):
+            other = next((r for r in measured if r["impl"] == theirs and key(r) == key(row)), None)
+            if other:
+                dtype, batch, clip = key(row)
+                lines.append(f"{ours} (decoder fraction {row['decoder_fraction']:g}) / {theirs} audio s/s "
+                             f"({dtype}, batch {batch} x {clip:g} s): "
                              f"**{row['audio_s_per_s'] / other['audio_s_per_s']:.2f}x**")
     return lines
 
