@@ -142,7 +142,8 @@ def test_train_section_has_its_table_and_ratios(train_run):
     table = [line for line in section.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows) and len({line.count("|") for line in table}) == 1
     assert "audio s/s" in table[0] and "trainable M" in table[0] and "peak GB" in table[0]
-    assert "csm-lora / transformers-peft audio s/s" in section and "csm-full / transformers-full" in section
+    assert "csm-lora (decoder fraction 0.0625) / transformers-peft audio s/s" in section
+    assert "csm-full (decoder fraction 0.0625) / transformers-full audio s/s" in section
     assert section in results
 
 
