@@ -1,13 +1,25 @@
 """One benchmark for every backend: `python -m benchmarks` (or `csm-bench`).
 
-For each implementation x dtype x batch size on one device it reports steady-state frames/s,
-the real-time factor with Mimi decode included, time to first audio, peak memory and the ratio
-to the bandwidth bound, as JSON (one object per row) and as a markdown table. transformers'
-`CsmForConditionalGeneration` runs on the same weights in the same run, as the reference.
+Generation (`--task infer`, the default): for each implementation x dtype x batch size on one
+device it reports steady-state frames/s, the real-time factor with Mimi decode included, time to
+first audio, peak memory and the ratio to the bandwidth bound, as JSON (one object per row) and
+as a markdown table. transformers' `CsmForConditionalGeneration` runs on the same weights in the
+same run, as the reference.
 
     python -m benchmarks --preset small --device cpu --frames 16          # quick, CPU, random weights
     python -m benchmarks --preset csm-1b --device cuda --batch 1 8 64     # the full GPU matrix
     python -m benchmarks --model unsloth/csm-1b --device cuda             # a real checkpoint
+
+Fine-tuning (`--task train`): optimizer steps/s, audio seconds trained per second, peak memory
+and trainable parameters of csm's LoRA and full fine-tuning (the real TorchTrainer) against
+transformers' model with peft LoRA and in full, on the same random weights and one fixed batch
+of synthetic clips (bf16 autocast on CUDA, float32 on CPUs):
+
+    python -m benchmarks --task train --preset small --device cpu --threads 1 --batch 2 --clip-seconds 4 --steps 8
+    python -m benchmarks --task train --preset csm-1b --device cuda --batch 8 --clip-seconds 10 --steps 10
+
+(the first is RESULTS.md's CPU section; add `--decoder-fraction 1 --impl csm-lora csm-full` for
+csm with its decoder on every frame, as transformers' rows have theirs)
 """
 
 from __future__ import annotations
@@ -25,9 +37,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import bandwidth, engines, measure, models, report
+from benchmarks import bandwidth, engines, measure, models, report, train_task, trainers
+from benchmarks.report import first_line
 from csm.errors import CsmError
 from csm.prompt import check_fits, text_frames
+from csm.training.config import TrainConfig
 
 RESULTS_MD = Path(__file__).with_name("RESULTS.md")
 
@@ -63,16 +77,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src = p.add_argument_group("model")
     src.add_argument("--random-weights", action="store_true", help="random weights (the default without --model)")
     src.add_argument("--model", help="a real checkpoint: local folder/file or Hub id (its dims, not --preset's)")
-    src.add_argument("--preset", default="csm-1b", choices=sorted(models.ALL_PRESETS), help="dims (default csm-1b)")
+    src.add_argument("--preset", choices=sorted(models.ALL_PRESETS),
+                     help="dims (default csm-1b; for --task train small on CPUs, csm-1b on CUDA)")
     src.add_argument("--dims", help="explicit dims instead: LxDxHxKVxI,LxDxHxKVxI (backbone,decoder)")
     src.add_argument("--seed", type=int, default=0, help="of the random weights")
     src.add_argument("--mimi", help="Mimi weights (default: the checkpoint's, or random ones with random weights)")
     run = p.add_argument_group("what to run")
+    run.add_argument("--task", choices=("infer", "train"), default="infer",
+                     help="infer: generation (the default); train: fine-tuning steps")
     run.add_argument("--device", help="cuda, cpu, mps or gpu (MLX's GPU); default: the best there is")
+    run.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own choice); one avoids "
+                     "spinning threads on a CPU shared with other work")
     run.add_argument("--dtype", nargs="+", choices=sorted(bandwidth.BYTES_PER_ELEMENT),
                      help="default: bfloat16 on GPUs, float32 on CPUs")
-    run.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (csm torch only above 1)")
-    run.add_argument("--impl", nargs="+", choices=list(engines.IMPLS), help="default: all that run on the device")
+    run.add_argument("--batch", nargs="+", type=int,
+                     help="batch sizes (default 1; csm torch only above 1); --task train: examples per step "
+                          f"(default {TRAIN_DEFAULTS['cuda'].batch} on CUDA, {TRAIN_DEFAULTS['cpu'].batch} on CPUs)")
+    run.add_argument("--impl", nargs="+", choices=list(engines.IMPLS) + list(trainers.IMPLS),
+                     help="default: all of the task's that run on the device")
     run.add_argument("--streams", nargs="+", type=int, default=[1, 8, 32],
                      help="the engine rows' stream counts, arriving over time (default 1 8 32)")
     how = p.add_argument_group("how")
@@ -85,6 +107,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     how.add_argument("--baseline-rev", metavar="REV",
                      help="also run csm's own loops (batch 1) as git revision REV had them, with that revision's "
                           "harness, in this run: a before/after of a change (needs a git clone)")
+    train = p.add_argument_group("fine-tuning (--task train)")
+    train.add_argument("--clip-seconds", type=float, help="each example's audio (default "
+                       f"{TRAIN_DEFAULTS['cuda'].clip_seconds:g} s on CUDA, {TRAIN_DEFAULTS['cpu'].clip_seconds:g} s "
+                       "on CPUs)")
+    train.add_argument("--steps", type=int, help=f"optimizer steps timed (default {TRAIN_DEFAULTS['cuda'].steps} "
+                       f"on CUDA, {TRAIN_DEFAULTS['cpu'].steps} on CPUs)")
+    train.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (default 2)")
+    train.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of both LoRA rows (default 16)")
+    train.add_argument("--decoder-fraction", type=float, default=TrainConfig.decoder_fraction,
+                       help="share of frames csm's decoder trains on (default 1/16; transformers' rows: all)")
     out = p.add_argument_group("output")
     out.add_argument("--json", type=Path, help="write the rows here (default: csm-bench-<time>.json)")
     out.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
@@ -95,12 +127,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.model and (a.random_weights or a.dims):
         p.error("--model loads a checkpoint: drop --random-weights / --dims")
+    check_threads(p, a)
+    if a.task == "train":
+        check_train_args(p, a)
+        return a
+    a.batch = a.batch or [1]
+    a.preset = a.preset or "csm-1b"
+    if any(name in trainers.IMPLS for name in a.impl or []):
+        p.error(f"--impl {' '.join(trainers.IMPLS)} are --task train's")
     for name in ("frames", "warmup_frames", "prompt_tokens", "first_chunk", "chunk"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if any(b < 1 for b in a.batch + a.streams):
         p.error("--batch sizes and --streams must be at least 1")
     return a
+
+
+def check_threads(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.threads is not None and a.threads < 1:
+        p.error("--threads must be at least 1")
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """--task train's defaults on one kind of device: a GPU's batch is a real run's; a CPU's
+    takes about a minute per row on a 2-core machine at the small preset."""
+
+    preset: str
+    batch: int
+    clip_seconds: float
+    steps: int
+
+
+TRAIN_DEFAULTS = {"cuda": TrainDefaults("csm-1b", 8, 10.0, 10), "cpu": TrainDefaults("small", 2, 4.0, 8)}
+
+
+def check_train_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.model:
+        p.error("--task train runs on random weights: give --preset or --dims, not --model")
+    if a.baseline_rev:
+        p.error("--baseline-rev compares generation loops: it does not apply to --task train")
+    wrong = [name for name in a.impl or [] if name not in trainers.IMPLS]
+    if wrong:
+        p.error(f"--task train runs {', '.join(trainers.IMPLS)}, not {', '.join(wrong)}")
+    if a.dtype and set(a.dtype) - {"float32", "bfloat16"}:
+        p.error("--task train runs float32 or bfloat16 (autocast)")
+    if any(b < 1 for b in a.batch or []) or (a.steps is not None and a.steps < 1) or a.warmup_steps < 0:
+        p.error("--batch and --steps must be at least 1, --warmup-steps at least 0")
+    if a.clip_seconds is not None and a.clip_seconds <= 0:
+        p.error("--clip-seconds must be positive")
+    if a.lora_rank < 1 or not 0 < a.decoder_fraction <= 1:
+        p.error("--lora-rank must be at least 1 and --decoder-fraction in (0, 1]")
 
 
 # --- devices ----------------------------------------------------------------------------------
@@ -171,17 +248,12 @@ def default_dtypes(device: str) -> list[str]:
 
 # --- rows -------------------------------------------------------------------------------------
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
 def base_row(impl: engines.Impl, batch: int, target: Target, source: models.ModelSource, a: argparse.Namespace,
              command: str) -> dict:
     """What a row says of where and how it was measured; its figures start as None."""
     row = dict.fromkeys(report.ROW_FIELDS)
     row |= {
-        "impl": impl.name, "backend": impl.backend, "label": impl.label, "device": target.device,
+        "task": "infer", "impl": impl.name, "backend": impl.backend, "label": impl.label, "device": target.device,
         "dtype": target.dtype, "batch": batch, "model": source.label,
         "params_per_frame": bandwidth.params_per_frame(source.config),
         "bytes_per_frame": bandwidth.bytes_per_frame(source.config, target.dtype),
@@ -415,6 +487,12 @@ def model_source(a: argparse.Namespace) -> models.ModelSource:
 
 def run(a: argparse.Namespace, command: str, log=lambda line: None) -> list[dict]:
     """Every row of the matrix the arguments ask for."""
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    if a.task == "train":
+        return train_rows(a, command, log)
     source = model_source(a)
     check_fits(a.prompt_tokens, a.warmup_frames + a.frames, source.config.backbone.max_seq_len)
     torch_dev, mlx_dev = resolve_devices(a.device)
@@ -425,6 +503,26 @@ def run(a: argparse.Namespace, command: str, log=lambda line: None) -> list[dict
             rows += torch_rows(impls, a, source, torch_dev, dtype, command, log)
         rows += mlx_rows(impls, a, source, mlx_dev, dtype, command, log)
     mark_code_matches(rows)
+    return rows
+
+
+def train_rows(a: argparse.Namespace, command: str, log) -> list[dict]:
+    """--task train: every fine-tuning implementation asked for, on torch's device."""
+    device = resolve_devices(a.device)[0]
+    if device == "mps" and a.device is None:
+        device = "cpu"  # TorchTrainer's own choice on a Mac unless told
+    if device not in TRAIN_DEFAULTS:
+        raise CsmError(f"--task train runs on CUDA or a CPU, not {device or a.device}")
+    defaults = TRAIN_DEFAULTS[device]
+    a.preset = a.preset or defaults.preset
+    source = model_source(a)
+    impls = [trainers.IMPLS[name] for name in a.impl or trainers.IMPLS]
+    rows = []
+    for dtype in a.dtype or default_dtypes(device):
+        settings = trainers.TrainSettings(device, dtype, a.lora_rank, a.decoder_fraction, a.seed)
+        rows += train_task.run(impls, source, a.batch or [defaults.batch], a.clip_seconds or defaults.clip_seconds,
+                               a.warmup_steps, a.steps or defaults.steps, settings, torch_device_name(device),
+                               command, log)
     return rows
 
 

@@ -108,6 +108,10 @@ class MemoryMeter:
 
     def peak(self) -> int: ...
 
+    def current(self) -> int:
+        """What is held now (a row's growth is its peak over this, read before it builds)."""
+        return 0
+
 
 class CudaMemory(MemoryMeter):
     kind = "torch.cuda.max_memory_allocated"
@@ -121,6 +125,11 @@ class CudaMemory(MemoryMeter):
         import torch
 
         return torch.cuda.max_memory_allocated()
+
+    def current(self) -> int:
+        import torch
+
+        return torch.cuda.memory_allocated()
 
 
 class MlxMemory(MemoryMeter):
@@ -164,6 +173,13 @@ class ProcessMemory(MemoryMeter):
                     return int(line.split()[1]) * 1024
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB on Linux
+
+    def current(self) -> int:
+        if self._status.exists():
+            for line in self._status.read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0  # no portable reading of the resident size: growth is then the whole peak
 
 
 # --- the engine under arrivals ----------------------------------------------------------------

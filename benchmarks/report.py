@@ -1,7 +1,9 @@
 """Result rows: their fields, the environment they were measured in, and their markdown.
 
 A row is a flat dict (it goes to JSON as it is): one implementation on one device, dtype and
-batch size. Figures a row could not measure are None, with the reason in `error` or `notes`.
+batch size, of one task (`task`: "infer", generation, or "train", fine-tuning steps; rows
+written before the training task have no `task` and are inference rows). Figures a row could not
+measure are None, with the reason in `error` or `notes`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROW_FIELDS = (
-    "impl", "backend", "label", "device", "dtype", "batch", "model", "params_per_frame", "bytes_per_frame",
+    "task", "impl", "backend", "label", "device", "dtype", "batch", "model", "params_per_frame", "bytes_per_frame",
     "frames_per_s_per_stream", "frames_per_s_aggregate", "ms_per_frame", "frames_timed", "setup_s",
     "rtf_with_mimi", "ttfa_ms", "ttfa_max_ms", "arrival_ms", "prompt_tokens", "first_chunk_frames", "mimi_decoder",
     "peak_memory_gb", "peak_memory_kind", "copy_bandwidth_gb_s", "bound_frames_per_s", "bound_ratio",
@@ -22,6 +24,27 @@ ROW_FIELDS = (
 # the figures every successful row has, all positive
 MEASURED = ("frames_per_s_per_stream", "frames_per_s_aggregate", "ms_per_frame", "rtf_with_mimi", "ttfa_ms",
             "peak_memory_gb", "copy_bandwidth_gb_s", "bound_frames_per_s", "bound_ratio")
+
+TRAIN_ROW_FIELDS = (
+    "task", "impl", "backend", "label", "device", "dtype", "batch", "clip_seconds", "model", "method", "lora_rank",
+    "decoder_fraction", "trainable_params", "positions_per_example", "trained_frames_per_step",
+    "decoder_frames_per_step", "warmup_steps", "steps_timed", "setup_s", "steps_per_s", "ms_per_step",
+    "audio_s_per_s", "peak_memory_gb", "peak_memory_kind", "loss", "versions", "date", "command", "error", "notes",
+)
+# the figures every successful training row has, all positive
+TRAIN_MEASURED = ("trainable_params", "steps_per_s", "ms_per_step", "audio_s_per_s", "peak_memory_gb", "loss")
+# the ratios a training section states: (numerator, denominator) implementations, on audio seconds per second
+TRAIN_RATIOS = (("csm-lora", "transformers-peft"), ("csm-full", "transformers-full"))
+
+
+def task(row: dict) -> str:
+    return row.get("task") or "infer"
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as a row's `error`: its type and first line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def versions() -> dict[str, str | None]:
@@ -76,17 +99,40 @@ TABLE_COLUMNS = (
 )
 
 
+TRAIN_TABLE_COLUMNS = (
+    ("implementation", lambda r: r["label"]),
+    ("dtype", lambda r: r["dtype"]),
+    ("batch", lambda r: f"{r['batch']} x {r['clip_seconds']:g} s"),
+    ("trainable M", lambda r: _fmt(None if r["trainable_params"] is None else r["trainable_params"] / 1e6, 2)),
+    ("decoder frames/step", lambda r: _fmt(r["decoder_frames_per_step"])),
+    ("steps/s", lambda r: _fmt(r["steps_per_s"], 3)),
+    ("audio s/s", lambda r: _fmt(r["audio_s_per_s"], 2)),
+    ("ms/step", lambda r: _fmt(r["ms_per_step"], 0)),
+    ("peak GB", lambda r: _fmt(r["peak_memory_gb"], 2)),
+    ("setup s", lambda r: _fmt(r["setup_s"])),
+    ("loss", lambda r: _fmt(r["loss"], 3)),
+    ("notes", lambda r: r["error"] or r["notes"] or ""),
+)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |",
-             "|" + "---|" * len(TABLE_COLUMNS)]
+    columns = TRAIN_TABLE_COLUMNS if rows and task(rows[0]) == "train" else TABLE_COLUMNS
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
     for row in rows:
-        cells = (str(cell(row)).replace("|", "\\|").replace("\n", " ") for _, cell in TABLE_COLUMNS)
+        cells = (str(cell(row)).replace("|", "\\|").replace("\n", " ") for _, cell in columns)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def markdown_section(rows: list[dict]) -> str:
-    """A RESULTS.md section: where and how it was measured, then the table."""
+    """A RESULTS.md section: where and how it was measured, then the table (one part per task
+    when the rows mix them)."""
+    parts = [[r for r in rows if task(r) == t] for t in ("infer", "train")]
+    if all(parts):
+        return "\n".join(markdown_section(part) for part in parts)
+    if task(rows[0]) == "train":
+        return train_section(rows)
     first = rows[0]
     v = first["versions"]
     libs = ", ".join(f"{k} {val}" for k, val in v.items() if val)
@@ -108,6 +154,54 @@ def markdown_section(rows: list[dict]) -> str:
         lines.append(f"Copy bandwidth measured{where}: {bound['copy_bandwidth_gb_s']:,.0f} GB/s "
                      f"(bound {bound['bound_frames_per_s']:,.1f} frames/s at batch 1 in {bound['dtype']}).")
     return "\n".join(lines + ["", markdown_table(rows), ""])
+
+
+def train_section(rows: list[dict]) -> str:
+    """The training task's section: where, the commands, what was trained, the table, the ratios."""
+    first = rows[0]
+    libs = ", ".join(f"{k} {val}" for k, val in first["versions"].items() if val)
+    devices = " / ".join(dict.fromkeys(r["device"] for r in rows))
+    commands = [f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)]
+    measured = [r for r in rows if not r["error"]] or rows
+    batch = measured[0]
+    lines = [
+        f"## Training steps: {devices} — {libs}, {first['date']}",
+        "",
+        *commands,
+        "",
+        f"Model: {first['model']}. One fixed batch (its size in the table) of clips of {batch['clip_seconds']:g} s "
+        f"of random Mimi codes after a short text: {batch['positions_per_example']} positions and "
+        f"{batch['trained_frames_per_step'] // batch['batch']} trained frames (EOS included) per clip; "
+        f"{batch['warmup_steps']} warm-up steps, then {batch['steps_timed']} optimizer steps timed. "
+        f"Audio s/s = trained frames x 80 ms per second. Peak memory: {batch['peak_memory_kind']}.",
+        "",
+        markdown_table(rows),
+        "",
+    ]
+    ratios = train_ratios(rows)
+    if ratios:
+        lines += [*ratios, ""]
+    return "\n".join(lines)
+
+
+def train_ratios(rows: list[dict]) -> list[str]:
+    """"ours / theirs audio s/s: N x" for each pair of TRAIN_RATIOS measured at the same dtype and
+    batch (each of our rows against the first of theirs; ours named by their decoder fraction,
+    which a run may change while transformers' decoder always sees every frame)."""
+    def key(r: dict) -> tuple:
+        return r["dtype"], r["batch"], r["clip_seconds"]
+
+    measured = [r for r in rows if r.get("audio_s_per_s")]
+    lines = []
+    for ours, theirs in TRAIN_RATIOS:
+        for row in (r for r in measured if r["impl"] == ours):
+            other = next((r for r in measured if r["impl"] == theirs and key(r) == key(row)), None)
+            if other:
+                dtype, batch, clip = key(row)
+                lines.append(f"{ours} (decoder fraction {row['decoder_fraction']:g}) / {theirs} audio s/s "
+                             f"({dtype}, batch {batch} x {clip:g} s): "
+                             f"**{row['audio_s_per_s'] / other['audio_s_per_s']:.2f}x**")
+    return lines
 
 
 def append_results(path: Path, rows: list[dict]) -> None:

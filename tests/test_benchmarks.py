@@ -90,3 +90,66 @@ def test_bad_arguments_are_one_line_errors(capsys):
     assert exc.value.code == 2
     assert cli.main(["--dims", "1x64", "--device", "cpu"]) == 2
     assert "--dims" in capsys.readouterr().err
+
+
+# --- the training task ------------------------------------------------------------------------
+
+TRAIN_QUICK = ["--task", "train", "--preset", "tiny", "--device", "cpu", "--batch", "2", "--clip-seconds", "0.5",
+               "--warmup-steps", "1", "--steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory):
+    """One optimizer step of every fine-tuning implementation on the tiny model, after one warm-up step."""
+    out = tmp_path_factory.mktemp("train")
+    results = out / "RESULTS.md"
+    results.write_text("# Measured results\n\nan earlier row\n")
+    assert cli.main(TRAIN_QUICK + ["--json", str(out / "rows.json"), "--append-results", str(results)]) == 0
+    return json.loads((out / "rows.json").read_text()), results.read_text()
+
+
+def test_train_rows_have_every_field_and_positive_figures(train_run):
+    rows, _ = train_run
+    assert [r["impl"] for r in rows] == ["csm-lora", "csm-full", "transformers-peft", "transformers-full"]
+    for row in rows:
+        assert set(row) == set(report.TRAIN_ROW_FIELDS), row["impl"]
+        assert row["error"] is None, row["error"]
+        assert row["task"] == "train" and row["dtype"] == "float32" and row["batch"] == 2
+        for field in report.TRAIN_MEASURED:
+            assert row[field] > 0, (row["impl"], field)
+        assert row["audio_s_per_s"] == pytest.approx(row["steps_per_s"] * row["trained_frames_per_step"] * 0.08)
+        assert row["command"].startswith("python -m benchmarks --task train")
+
+
+def test_train_rows_train_the_same_parameters_on_the_same_frames(train_run):
+    """Same LoRA targets and rank (and the same full set) on both libraries; transformers' depth
+    decoder trains on every frame, csm's on its 1/16 share plus the EOS frames."""
+    rows = {r["impl"]: r for r in train_run[0]}
+    assert rows["csm-lora"]["trainable_params"] == rows["transformers-peft"]["trainable_params"]
+    assert rows["csm-full"]["trainable_params"] == rows["transformers-full"]["trainable_params"]
+    assert rows["csm-lora"]["trainable_params"] < rows["csm-full"]["trainable_params"]
+    frames = {r["trained_frames_per_step"] for r in rows.values()}
+    assert len(frames) == 1 and frames.pop() == 2 * (round(0.5 / 0.08) + 1)  # each clip's frames and its EOS
+    assert rows["transformers-peft"]["decoder_frames_per_step"] == rows["csm-lora"]["trained_frames_per_step"]
+    assert rows["csm-lora"]["decoder_frames_per_step"] < rows["csm-lora"]["trained_frames_per_step"]
+
+
+def test_train_section_has_its_table_and_ratios(train_run):
+    rows, results = train_run
+    assert results.startswith("# Measured results\n\nan earlier row\n")
+    section = report.markdown_section(rows)
+    assert rows[0]["command"] in section and "## Training steps:" in section
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows) and len({line.count("|") for line in table}) == 1
+    assert "audio s/s" in table[0] and "trainable M" in table[0] and "peak GB" in table[0]
+    assert "csm-lora (decoder fraction 0.0625) / transformers-peft audio s/s" in section
+    assert "csm-full (decoder fraction 0.0625) / transformers-full audio s/s" in section
+    assert section in results
+
+
+def test_tasks_refuse_each_others_implementations(capsys):
+    for argv in (["--impl", "csm-lora"], TRAIN_QUICK + ["--impl", "csm-torch-eager"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.parse_args(argv)
+        assert exc.value.code == 2
+    assert "--task train" in capsys.readouterr().err
