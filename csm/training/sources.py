@@ -249,6 +249,13 @@ def read_folders(audio_dir: Path, transcript_dir: Path) -> Source:
     return source
 
 
+def _text_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CsmError(f"cannot read {path} as UTF-8 text ({exc})") from None
+
+
 # --- LJSpeech ---
 
 
@@ -257,10 +264,7 @@ def read_ljspeech(csv_path: Path) -> Source:
     the audio is `wavs/<id>.wav` next to the file, or `<id>.wav`."""
     root = csv_path.parent
     source = Source({"kind": "ljspeech", "path": str(csv_path.resolve())})
-    try:
-        lines = csv_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CsmError(f"cannot read {csv_path} as UTF-8 text ({exc})") from None
+    lines = _text_lines(csv_path)
     rows = 0
     seen: set[str] = set()
     for number, line in enumerate(lines, 1):
@@ -298,10 +302,7 @@ def read_jsonl(path: Path) -> Source:
     and optionally `conversation`, `start`/`end` seconds, `train` and `id`. Other keys are ignored."""
     root = path.parent
     source = Source({"kind": "jsonl", "path": str(path.resolve())})
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CsmError(f"cannot read {path} as UTF-8 text ({exc})") from None
+    lines = _text_lines(path)
     seen: set[str] = set()
     for number, line in enumerate(lines, 1):
         if not line.strip():
