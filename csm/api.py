@@ -83,8 +83,14 @@ class Generator:
                 raise CsmError(f"context items must be csm.Segment, got {type(seg).__name__}")
         if not isinstance(speaker, (int, np.integer)) or isinstance(speaker, bool) or speaker < 0:
             raise CsmError(f"speaker must be a non-negative integer, got {speaker!r}")
-        encoded = [(seg, None if seg.audio is None else self._backend.encode_audio(seg.audio)) for seg in context]
+        encoded = [(seg, self._segment_codes(seg)) for seg in context]
         return build_prompt(self.tokenizer, text, speaker, encoded, self.config.audio_num_codebooks)
+
+    def _segment_codes(self, segment: Segment) -> np.ndarray | None:
+        """A context segment's Mimi codes: the ones it carries, else its audio encoded, else None."""
+        if segment.codes is not None:
+            return segment.codes
+        return None if segment.audio is None else self._backend.encode_audio(segment.audio)
 
     def generate_codes(
         self,

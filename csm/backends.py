@@ -80,6 +80,7 @@ class Backend(ABC):
         self._codec = None
         self._codec_lock = threading.Lock()
         self._lock = threading.RLock()
+        self._codec_identity: str | None = None
 
     @abstractmethod
     def frame_loop(self, max_batch_size: int) -> FrameLoop:
@@ -100,6 +101,16 @@ class Backend(ABC):
     def codec(self):
         """Mimi, loaded on first use (`load_codec`)."""
         return self.load_codec()
+
+    @property
+    def codec_identity(self) -> str:
+        """An id of this backend's Mimi weights (`csm.mimi_files.codec_fingerprint`): codes cached
+        under one id are this codec's, and another Mimi encodes its own."""
+        if self._codec_identity is None:
+            from csm.mimi_files import codec_fingerprint, resolve_mimi_weights
+
+            self._codec_identity = codec_fingerprint(*resolve_mimi_weights(self.model_dir, self._mimi_source))
+        return self._codec_identity
 
     @property
     def codec_loaded(self) -> bool:

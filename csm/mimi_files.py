@@ -131,3 +131,33 @@ def read_codec_config(model_dir: Path) -> dict | None:
         raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
     codec = config.get("codec_config")
     return codec if isinstance(codec, dict) else None
+
+
+def codec_fingerprint(kind: str, location: Path) -> str:
+    """A short id of the Mimi weights at (kind, location) (`resolve_mimi_weights`), to key codes
+    cached on disk: another Mimi gets another id, so its codes are never mixed up with these.
+
+    Reading every weight would take seconds, and the file's name, size or header are the same for a
+    re-trained Mimi; so each codec tensor's name, dtype, shape and first 4 KiB of data are hashed,
+    which any change of weights shows in, and which is the same wherever the file lies."""
+    import hashlib
+    import struct
+
+    files = [Path(location)] if kind == KYUTAI_FILE else _codec_files(Path(location))
+    digest = hashlib.sha256(kind.encode())
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+                for name in sorted(k for k in header if k != "__metadata__"):
+                    if kind != KYUTAI_FILE and not name.startswith(CODEC_PREFIX):
+                        continue
+                    entry = header[name]
+                    begin, end = entry["data_offsets"]
+                    f.seek(8 + header_len + begin)
+                    digest.update(f"{name}|{entry['dtype']}|{entry['shape']}|".encode())
+                    digest.update(f.read(min(end - begin, 4096)))
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            raise CheckpointError(f"cannot read the Mimi weights {path}: {exc}") from exc
+    return f"mimi-{digest.hexdigest()[:16]}"

@@ -23,16 +23,21 @@ class Segment:
     (or list) is stored as float32 numpy; a 1-D torch tensor (Sesame's Segment; any device, any
     float dtype) is kept as given, so Sesame's code can `torch.cat` the segments' audio; the
     backends read either through `csm.audio.as_samples`. Audio at another `sample_rate` than
-    Mimi's 24 kHz is resampled here, once (a tensor stays a tensor of its dtype and device)."""
+    Mimi's 24 kHz is resampled here, once (a tensor stays a tensor of its dtype and device).
+    `codes`: the audio's Mimi codes [frames, 32] when they are known already (a voice's cached
+    codes): the prompt then takes them as they are and `audio` is not encoded, nor needed."""
 
     speaker: int
     text: str
     audio: np.ndarray | None = None  # or a 1-D torch tensor, kept as given
     sample_rate: int = MODEL_SAMPLE_RATE
+    codes: np.ndarray | None = None
 
     def __post_init__(self):
         if not isinstance(self.speaker, (int, np.integer)) or self.speaker < 0:
             raise CsmError(f"speaker must be a non-negative integer, got {self.speaker!r}")
+        if self.codes is not None:
+            self.codes = check_segment_codes(self.codes)
         if self.audio is not None:
             audio = as_samples(self.audio)
             if audio.ndim != 1:
@@ -46,6 +51,20 @@ class Segment:
             else:
                 self.audio = resample(audio, self.sample_rate, MODEL_SAMPLE_RATE)
             self.sample_rate = MODEL_SAMPLE_RATE
+
+
+def check_segment_codes(codes) -> np.ndarray:
+    """Pre-encoded segment codes as int64 [frames, 32] with every code a Mimi code, else a CsmError."""
+    from csm.mimi_files import CODEBOOK_SIZE, NUM_CODEBOOKS
+
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] != NUM_CODEBOOKS or not np.issubdtype(codes.dtype, np.integer):
+        raise CsmError(f"segment codes must be integer Mimi codes [frames, {NUM_CODEBOOKS}], got {codes.dtype} "
+                       f"{codes.shape}; give the audio instead and let the model encode it")
+    if codes.size and (codes.min() < 0 or codes.max() >= CODEBOOK_SIZE):
+        raise CsmError(f"segment codes must lie in 0..{CODEBOOK_SIZE - 1}, got {codes.min()}..{codes.max()}: "
+                       "they are not Mimi codes")
+    return codes.astype(np.int64, copy=False)
 
 
 @dataclass
