@@ -35,8 +35,12 @@ if TYPE_CHECKING:
 class Generator:
     """Speech from text and a conversation, on one backend."""
 
-    def __init__(self, backend, tokenizer, watermark_model: str | None = None):
+    def __init__(self, backend, tokenizer, watermark_model: str | None = None,
+                 loaded_from: tuple[str | None, str | None] = (None, None)):
         self._backend = backend
+        # (model, adapter) as `load` was given them (local paths made absolute): what a voice with its
+        # own model is checked against
+        self.loaded_from = loaded_from
         self.tokenizer = tokenizer
         self.config = backend.config
         self._watermark_model = watermark_model
@@ -95,19 +99,78 @@ class Generator:
     def generate_codes(
         self,
         text: str,
-        speaker: int = 0,
+        speaker: int | None = None,
         context: Sequence[Segment] = (),
         max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        topk: int = DEFAULT_TOPK,
-        top_p: float = DEFAULT_TOP_P,
+        temperature: float | None = None,
+        topk: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         on_frame: Callable[[int], None] | None = None,
+        *,
+        voice=None,
     ) -> np.ndarray:
-        """Mimi codes [frames, 32] (int64) of the spoken turn. `on_frame(n)` is called as frames come."""
-        sampling = Sampling(temperature, topk, top_p, max_audio_length_ms, seed)
+        """Mimi codes [frames, 32] (int64) of the spoken turn. `on_frame(n)` is called as frames come.
+        `voice`: a voice profile's name, speaker id or `csm.voices.Voice` (see `voice_turn`)."""
+        speaker, context, sampling = self.voice_turn(voice, text, speaker, context, max_audio_length_ms, temperature,
+                                                     topk, top_p, seed)
         request = self._engine_for(1).submit_prompt(self.prompt(text, speaker, context), sampling)
         return request.collect(on_frame)
+
+    def voice_turn(self, voice, text: str, speaker: int | None, context: Sequence[Segment],
+                   max_audio_length_ms: float, temperature: float | None, topk: int | None, top_p: float | None,
+                   seed: int | None) -> tuple[int, list[Segment], Sampling]:
+        """(speaker, context, sampling) of a turn, with what a call leaves out (None) taken from
+        `voice` if given, else csm's defaults. A voice's reference clips come before `context`, as
+        many as fit the prompt with room for `max_audio_length_ms` of audio: the newest first, whole
+        clips only; their codes are cached in the voice store, so each clip is encoded once per Mimi."""
+        defaults = dict(temperature=DEFAULT_TEMPERATURE, topk=DEFAULT_TOPK, top_p=DEFAULT_TOP_P)
+        context = list(context)
+        if voice is not None:
+            from csm.voices import resolve_voice
+
+            voice = resolve_voice(voice)
+            self._check_voice_model(voice)
+            defaults.update(voice.sampling_defaults())
+            speaker = voice.speaker_id if speaker is None else speaker
+        given = dict(temperature=temperature, topk=topk, top_p=top_p)
+        chosen = {k: defaults[k] if v is None else v for k, v in given.items()}
+        sampling = Sampling(chosen["temperature"], chosen["topk"], chosen["top_p"], max_audio_length_ms, seed)
+        speaker = 0 if speaker is None else speaker
+        if voice is not None and voice.references:
+            # the context's audio is encoded once here: the budget below needs its length, the prompt its codes
+            context = [Segment(s.speaker, s.text, codes=self._segment_codes(s))
+                       if isinstance(s, Segment) and s.codes is None and s.audio is not None else s for s in context]
+            context = self._voice_clips(voice, text, speaker, context, sampling.max_frames) + context
+        return speaker, context, sampling
+
+    def _check_voice_model(self, voice) -> None:
+        from csm.voices import model_location
+
+        if voice.model is None and voice.adapter is None:
+            return  # a voice of the base model: any loaded model may speak it
+        model, adapter = self.loaded_from
+        if (model_location(voice.model, "model"), model_location(voice.adapter, "adapter")) != (model, adapter):
+            wants = " with adapter ".join(str(p) for p in (voice.model or "the default model", voice.adapter) if p)
+            raise CsmError(f"voice {voice.name!r} speaks with {wants}, not the model this generator loaded; load it "
+                           f"with csm.load(voice={voice.name!r}) (csm-generate --voice {voice.name!r})")
+
+    def _voice_clips(self, voice, text: str, speaker: int, context: list[Segment], max_frames: int) -> list[Segment]:
+        """The voice's reference clips as segments with their codes, the newest that fit the prompt."""
+        from csm.voices import reference_codes
+
+        codes = reference_codes(voice, self._backend.encode_audio, self._backend.codec_identity)
+        clips = [Segment(voice.speaker_id, ref.transcript, codes=c) for ref, c in zip(voice.references, codes,
+                                                                                     strict=True)]
+        used = len(self.prompt(text, speaker, context))
+        limit = self.config.backbone.max_seq_len - max_frames  # check_fits: prompt + max_frames < max_seq_len
+        chosen = []
+        for clip in reversed(clips):
+            size = len(self.tokenizer.encode_turn(clip.text, clip.speaker)) + len(clip.codes) + 1  # + end of audio
+            if used + size < limit:
+                chosen.append(clip)
+                used += size
+        return chosen[::-1]
 
     def generate_codes_batch(
         self,
@@ -215,21 +278,24 @@ class Generator:
     def generate(
         self,
         text: str,
-        speaker: int = 0,
+        speaker: int | None = None,
         context: Sequence[Segment] = (),
         max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        topk: int = DEFAULT_TOPK,
-        top_p: float = DEFAULT_TOP_P,
+        temperature: float | None = None,
+        topk: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         watermark: bool = True,
         watermark_key: Sequence[int] | None = None,
         on_frame: Callable[[int], None] | None = None,
+        *,
+        voice=None,
     ) -> np.ndarray:
-        """Generate, decode and watermark: float32 mono audio at 24 kHz."""
+        """Generate, decode and watermark: float32 mono audio at 24 kHz. Speaker None means the
+        voice's speaker id (or 0); sampling None the voice's defaults (or csm's)."""
         key = self.prepare_audio(watermark, watermark_key)
         codes = self.generate_codes(text, speaker, context, max_audio_length_ms, temperature, topk, top_p, seed,
-                                    on_frame)
+                                    on_frame, voice=voice)
         return self._finish(codes, key)
 
     def _finish(self, codes: np.ndarray, watermark_key: tuple[int, ...] | None) -> np.ndarray:
@@ -242,17 +308,19 @@ class Generator:
     def stream(
         self,
         text: str,
-        speaker: int = 0,
+        speaker: int | None = None,
         context: Sequence[Segment] = (),
         max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        topk: int = DEFAULT_TOPK,
-        top_p: float = DEFAULT_TOP_P,
+        temperature: float | None = None,
+        topk: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES,
         chunk_frames: int = DEFAULT_CHUNK_FRAMES,
         watermark: bool = True,
         watermark_key: Sequence[int] | None = None,
+        *,
+        voice=None,
     ) -> Iterator[np.ndarray]:
         """`generate`, yielding float32 mono 24 kHz chunks while the frames are produced: the first
         after `first_chunk_frames` frames (80 ms each), then every `chunk_frames` frames, the last
@@ -265,8 +333,10 @@ class Generator:
         the first chunk comes after 1.04 s of speech instead of `first_chunk_frames`
         (see `csm.streaming`). Bad arguments raise here; the generation runs as you iterate.
         """
-        request = self._engine_for(1).submit(text, speaker, context, max_audio_length_ms, temperature, topk, top_p,
-                                             seed, first_chunk_frames, chunk_frames, watermark, watermark_key)
+        speaker, context, s = self.voice_turn(voice, text, speaker, context, max_audio_length_ms, temperature, topk,
+                                              top_p, seed)
+        request = self._engine_for(1).submit(text, speaker, context, max_audio_length_ms, s.temperature, s.topk,
+                                             s.top_p, seed, first_chunk_frames, chunk_frames, watermark, watermark_key)
         return iter(request)
 
 
@@ -282,6 +352,7 @@ def load(
     watermark_model: str | None = None,
     quantize: int | None = None,
     compile: bool | str | None = None,
+    voice=None,
 ) -> Generator:
     """Load CSM from a local folder/file or a Hub repo id (default unsloth/csm-1b), on `backend`
     ("auto", "torch", "mlx"). `adapter`: a LoRA adapter folder (`csm-finetune`'s, or peft's) merged
@@ -289,9 +360,14 @@ def load(
     then the one it names. The tokenizer and Mimi always come from the base model.
     `quantize` (4 or 8, MLX only) quantizes float weights at load; quantized folders need no flag.
     `compile` on torch: True/"default" or "max-autotune" compiles the frame's stacks with
-    torch.compile (tens of seconds to minutes at first use, then ~2x faster frames on CUDA)."""
+    torch.compile (tens of seconds to minutes at first use, then ~2x faster frames on CUDA).
+    `voice`: a voice profile (name, speaker id or `csm.voices.Voice`) whose model and adapter to load
+    when it names them (then `model` and `adapter` may be left out, or must be the same)."""
     from csm.training.adapters import check_adapter, model_and_adapter
+    from csm.voices import model_location
 
+    if voice is not None:
+        model, adapter = _voice_model(voice, model, adapter)
     name = select_backend(backend)
     base, lora = model_and_adapter(model, adapter)
     ckpt = open_checkpoint(base)
@@ -299,7 +375,21 @@ def load(
         check_adapter(lora, ckpt.config)  # before any weight is read
     text_tokenizer = load_tokenizer(ckpt.root, tokenizer)
     return Generator(create_backend(name, ckpt, device, dtype, mimi, quantize, compile, adapter=lora), text_tokenizer,
-                     watermark_model)
+                     watermark_model, loaded_from=(model_location(model, "model"), model_location(adapter, "adapter")))
+
+
+def _voice_model(voice, model, adapter) -> tuple:
+    """(model, adapter) to load for `voice`: its own where it names them; a different one given too is an error."""
+    from csm.voices import model_location, resolve_voice
+
+    voice = resolve_voice(voice)
+    if voice.model is None and voice.adapter is None:
+        return model, adapter
+    for what, given, own in (("model", model, voice.model), ("adapter", adapter, voice.adapter)):
+        if given is not None and model_location(given, what) != own:
+            raise CsmError(f"voice {voice.name!r} speaks with {what} {own or 'none'}, not {given}: leave the {what} "
+                           f"out to load the voice's, or update the voice (csm-voice update {voice.name!r} --{what})")
+    return voice.model, voice.adapter
 
 
 def load_csm_1b(device: str = "cuda", model: str | Path = DEFAULT_MODEL, **kwargs) -> SesameGenerator:
