@@ -67,7 +67,7 @@ def check_name(name) -> str:
         raise CsmError("a voice name must be a non-empty string, e.g. 'Ada'")
     name = name.strip()
     if "/" in name or "\\" in name or ".." in name:
-        raise CsmError(f"voice name {name!r} looks like a path: a name has no '/', '\\\\' or '..'")
+        raise CsmError(f"voice name {name!r} looks like a path: a name has no '/', '\\' or '..'")
     if any(not ch.isprintable() for ch in name):
         raise CsmError(f"voice name {name!r} holds control characters: use printable ones only")
     if name.isdigit():
@@ -237,7 +237,7 @@ class VoiceStore:
         """Every profile, in the order they were created. A missing store is an empty one."""
         if not self.file.exists():
             return []
-        fix = f"fix it or move it away (csm leaves it as it is); {self.file} holds every voice profile"
+        fix = "fix it or move it away (csm never rewrites a store it cannot read)"
         try:
             data = json.loads(self.file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -358,15 +358,18 @@ class VoiceStore:
 
         return write_archive(self.get(name_or_id), Path(archive_path), force=force)
 
-    def import_(self, archive_path: str | os.PathLike, rename: str | None = None) -> Voice:
-        """Add the voice in an archive `export` wrote, under its name or `rename`; the archive is checked
-        first and nothing is written outside the store."""
+    def import_(self, archive_path: str | os.PathLike, rename: str | None = None,
+                speaker_id: int | None = None) -> Voice:
+        """Add the voice in an archive `export` wrote, under its name or `rename`, with its speaker id or
+        `speaker_id`; the archive is checked first and nothing is written outside the store."""
         from csm.voice_archive import read_archive
 
         profile, files = read_archive(Path(archive_path))
         voice = Voice.from_dict({**profile, "id": uuid.uuid4().hex[:12]}, f"the archive {archive_path}")
         if rename is not None:
             voice.name = check_name(rename)
+        if speaker_id is not None:
+            voice.speaker_id = check_speaker_id(speaker_id)
         voice.updated = now_iso()
         with self._editing() as voices:
             voices.append(voice)

@@ -52,11 +52,50 @@ def read_context(path: Path, sample_rate: int) -> list:
     return segments
 
 
+def generate_defaults() -> dict:
+    """Every option of the generate command at its default: what `csm-voice sample` starts from."""
+    params = command.make_context(command.name, ["--text", "-"]).params  # click's own defaults, flags False
+    return {k: v for k, v in params.items() if k != "text"}
+
+
+def voice_and_sampling(opts: dict):
+    """(the voice profile or None, the Sampling): a flag given wins over the voice's default, which wins
+    over csm's."""
+    voice = None
+    if opts.get("voice") is not None:
+        from csm.voices import VoiceStore
+
+        voice = VoiceStore().get(opts["voice"])
+    defaults = dict(temperature=DEFAULT_TEMPERATURE, topk=DEFAULT_TOPK, top_p=DEFAULT_TOP_P)
+    if voice is not None:
+        defaults.update(voice.sampling_defaults())
+    flags = dict(temperature=opts["temperature"], topk=opts["top_k"], top_p=opts["top_p"])
+    chosen = {k: defaults[k] if v is None else v for k, v in flags.items()}
+    return voice, Sampling(chosen["temperature"], chosen["topk"], chosen["top_p"], opts["max_audio_length_ms"],
+                           opts["seed"])
+
+
+def reference_segment(opts: dict):
+    """--ref-audio with --ref-text: one clip of the voice to clone, as the first context turn."""
+    audio, text = opts.get("ref_audio"), opts.get("ref_text")
+    if audio is None and text is None:
+        return None
+    if audio is None or text is None or not text.strip():
+        raise CsmError("--ref-audio and --ref-text go together: the clip to clone and the words said in it")
+    if opts.get("voice") is not None:
+        raise CsmError("--voice brings its own clips: use --voice or --ref-audio/--ref-text, not both")
+    from csm.audio import read_audio
+    from csm.prompt import Segment
+
+    return Segment(speaker=0 if opts["speaker"] is None else opts["speaker"], text=text.strip(),
+                   audio=read_audio(audio, MODEL_SAMPLE_RATE))
+
+
 def run(opts: dict) -> None:
     text = opts["text"]
     if not text or not text.strip():
         raise CsmError("--text is empty: give the words to speak")
-    sampling = Sampling(opts["temperature"], opts["top_k"], opts["top_p"], opts["max_audio_length_ms"], opts["seed"])
+    voice, sampling = voice_and_sampling(opts)
     plan = chunk_plan(opts)
     output = Path(opts["output"]) if opts["output"] else (None if opts["play"] else Path("output.wav"))
     if output is not None and output.exists() and not opts["force"]:
@@ -73,6 +112,9 @@ def run(opts: dict) -> None:
     else:
         resolve_watermark_dir(opts["watermark_model"])  # fail now, not after generating
     context = read_context(Path(opts["context"]), MODEL_SAMPLE_RATE) if opts["context"] else []
+    reference = reference_segment(opts)
+    if reference is not None:
+        context.insert(0, reference)
     # streamed playback opens the output device first: no device fails before the model loads
     streamed_playback = opts["play"] and plan is not None
     with ChunkPlayer(MODEL_SAMPLE_RATE) if streamed_playback else contextlib.nullcontext() as player:
@@ -80,13 +122,14 @@ def run(opts: dict) -> None:
 
         gen = csm.load(opts["model"], backend=opts["backend"], device=opts["device"], dtype=opts["dtype"],
                        adapter=opts["adapter"], mimi=opts["mimi"], tokenizer=opts["tokenizer"],
-                       watermark_model=opts["watermark_model"], quantize=opts.get("quantize"), compile=opts["compile"])
+                       watermark_model=opts["watermark_model"], quantize=opts.get("quantize"), compile=opts["compile"],
+                       voice=voice)
         # Mimi (and the watermark) must be there before the first frame, not after the last
         watermark_key = gen.prepare_audio(watermark=not opts["no_watermark"], watermark_key=key)
-        click.echo(f"loaded {describe_model(opts)} on {gen.backend}/{gen.device}", err=True)
+        click.echo(f"loaded {describe_model(opts, voice)} on {gen.backend}/{gen.device}", err=True)
         request = dict(text=text, speaker=opts["speaker"], context=context,
                        max_audio_length_ms=sampling.max_audio_length_ms, temperature=sampling.temperature,
-                       topk=sampling.topk, top_p=sampling.top_p, seed=sampling.seed)
+                       topk=sampling.topk, top_p=sampling.top_p, seed=sampling.seed, voice=voice)
 
         from tqdm import tqdm
 
@@ -112,10 +155,14 @@ def run(opts: dict) -> None:
             play(audio, gen.sample_rate)
 
 
-def describe_model(opts: dict) -> str:
-    if opts["adapter"] is None:
-        return str(opts["model"] or DEFAULT_MODEL)
-    return f"{opts['model'] or 'the base model'} with adapter {opts['adapter']}"
+def describe_model(opts: dict, voice=None) -> str:
+    model, adapter = opts["model"], opts["adapter"]
+    if voice is not None and (voice.model or voice.adapter):
+        model, adapter = voice.model, voice.adapter
+    suffix = "" if voice is None else f" for voice {voice.name!r}"
+    if adapter is None:
+        return f"{model or DEFAULT_MODEL}{suffix}"
+    return f"{model or 'the base model'} with adapter {adapter}{suffix}"
 
 
 def generate_whole(gen, request: dict, bar):
@@ -174,7 +221,13 @@ def make_command(backend: str | None = None, name: str = "csm-generate", extra_o
 
     options = [
         click.option("--text", "-t", required=True, help="The words to speak."),
-        click.option("--speaker", "-s", type=int, default=0, show_default=True, help="Speaker id of the new turn."),
+        click.option("--speaker", "-s", type=int,
+                     help="Speaker id of the new turn [default: the --voice's, else 0]."),
+        click.option("--voice", "-v", metavar="NAME|ID",
+                     help="A voice profile (csm-voice): its clips, speaker id, model and sampling defaults."),
+        click.option("--ref-audio", type=click.Path(),
+                     help="Clone the voice of this clip (with --ref-text), without a profile."),
+        click.option("--ref-text", help="The words said in --ref-audio."),
         click.option("--context", "-c", type=click.Path(),
                      help='JSON list of {"speaker", "text", "audio"} turns before this one.'),
         click.option("--model", "-m",
@@ -188,10 +241,12 @@ def make_command(backend: str | None = None, name: str = "csm-generate", extra_o
         click.option("--device", help="cuda, cpu or mps; gpu or cpu with MLX (default: best available)."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
                      help="Default: bfloat16 on GPUs, float32 on CPU."),
-        click.option("--temperature", type=float, default=DEFAULT_TEMPERATURE, show_default=True),
-        click.option("--top-k", "top_k", type=int, default=DEFAULT_TOPK, show_default=True),
-        click.option("--top-p", "top_p", type=float, default=DEFAULT_TOP_P, show_default=True,
-                     help="Nucleus sampling after top-k: keep the most probable codes up to this total probability."),
+        click.option("--temperature", type=float,
+                     help=f"[default: the --voice's, else {DEFAULT_TEMPERATURE}]"),
+        click.option("--top-k", "top_k", type=int, help=f"[default: the --voice's, else {DEFAULT_TOPK}]"),
+        click.option("--top-p", "top_p", type=float,
+                     help="Nucleus sampling after top-k: keep the most probable codes up to this total probability "
+                          f"[default: the --voice's, else {DEFAULT_TOP_P}]."),
         click.option("--max-audio-length-ms", type=float, default=DEFAULT_MAX_AUDIO_LENGTH_MS, show_default=True),
         click.option("--seed", type=int, help="Seed for reproducible sampling."),
         click.option("--compile", type=click.Choice(["default", "max-autotune"]),
