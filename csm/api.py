@@ -149,8 +149,11 @@ class Generator:
 
         if voice.model is None and voice.adapter is None:
             return  # a voice of the base model: any loaded model may speak it
+        from csm.hub import DEFAULT_MODEL
+
         model, adapter = self.loaded_from
-        if (model_location(voice.model, "model"), model_location(voice.adapter, "adapter")) != (model, adapter):
+        wanted = (model_location(voice.model or DEFAULT_MODEL, "model"), model_location(voice.adapter, "adapter"))
+        if wanted != (model or DEFAULT_MODEL, adapter):
             wants = " with adapter ".join(str(p) for p in (voice.model or "the default model", voice.adapter) if p)
             raise CsmError(f"voice {voice.name!r} speaks with {wants}, not the model this generator loaded; load it "
                            f"with csm.load(voice={voice.name!r}) (csm-generate --voice {voice.name!r})")
