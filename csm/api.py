@@ -178,26 +178,37 @@ class Generator:
     def generate_codes_batch(
         self,
         texts: Sequence[str],
-        speakers: int | Sequence[int] = 0,
+        speakers: int | Sequence[int] | None = None,
         contexts: Sequence[Sequence[Segment]] | None = None,
         max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        topk: int = DEFAULT_TOPK,
-        top_p: float = DEFAULT_TOP_P,
+        temperature: float | None = None,
+        topk: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
+        *,
+        voice=None,
     ) -> list[np.ndarray]:
         """Codes [frames_i, 32] for several turns generated together in one batch, each stopping on
         its own. `speakers` is one id for all or one per text; `contexts` one conversation per
-        text. Turn i is seeded with `seed + i`, so it gets the codes `generate_codes` gives alone
-        with that seed."""
+        text; `voice` one voice profile for every turn (see `generate_codes`). Turn i is seeded
+        with `seed + i`, so it gets the codes `generate_codes` gives alone with that seed."""
         texts = list(texts)
-        speakers = [speakers] * len(texts) if isinstance(speakers, (int, np.integer)) else list(speakers)
+        if speakers is None or isinstance(speakers, (int, np.integer)):
+            speakers = [speakers] * len(texts)
+        speakers = list(speakers)
         contexts = [()] * len(texts) if contexts is None else list(contexts)
         if not texts or len(speakers) != len(texts) or len(contexts) != len(texts):
             raise CsmError(f"give one speaker and one context per text: {len(texts)} texts, "
                            f"{len(speakers)} speakers, {len(contexts)} contexts")
-        sampling = Sampling(temperature, topk, top_p, max_audio_length_ms, seed)
-        prompts = [self.prompt(t, s, c) for t, s, c in zip(texts, speakers, contexts, strict=True)]
+        if voice is not None:
+            from csm.voices import resolve_voice
+
+            voice = resolve_voice(voice)  # read once for every turn
+        prompts = []
+        for text, speaker, context in zip(texts, speakers, contexts, strict=True):
+            speaker, context, sampling = self.voice_turn(voice, text, speaker, context, max_audio_length_ms,
+                                                         temperature, topk, top_p, seed)
+            prompts.append(self.prompt(text, speaker, context))
         engine = self._engine_for(len(prompts))
         requests = [engine.submit_prompt(p, sampling.with_seed(None if seed is None else seed + i))
                     for i, p in enumerate(prompts)]
@@ -206,20 +217,22 @@ class Generator:
     def generate_batch(
         self,
         texts: Sequence[str],
-        speakers: int | Sequence[int] = 0,
+        speakers: int | Sequence[int] | None = None,
         contexts: Sequence[Sequence[Segment]] | None = None,
         max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        topk: int = DEFAULT_TOPK,
-        top_p: float = DEFAULT_TOP_P,
+        temperature: float | None = None,
+        topk: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         watermark: bool = True,
         watermark_key: Sequence[int] | None = None,
+        *,
+        voice=None,
     ) -> list[np.ndarray]:
         """`generate` for several turns at once (see `generate_codes_batch`): one clip per text."""
         key = self.prepare_audio(watermark, watermark_key)
         all_codes = self.generate_codes_batch(texts, speakers, contexts, max_audio_length_ms, temperature, topk,
-                                              top_p, seed)
+                                              top_p, seed, voice=voice)
         return [self._finish(codes, key) for codes in all_codes]
 
     # --- audio --------------------------------------------------------------------------------

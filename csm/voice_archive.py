@@ -114,9 +114,11 @@ def read_archive(path: Path) -> tuple[dict, dict[str, bytes]]:
         if hashlib.sha256(files[member]).hexdigest() != ref.get("sha256"):
             raise CsmError(f"{bad}: clip {member} does not match the sha256 in the profile (damaged?)")
         clips.add(member)
-    extra = sorted(m for m in files if m.startswith("clips/") and m not in clips)
+    shas = {ref["sha256"][:16] for ref in profile.get("references", [])}
+    extra = sorted(m for m in files if (m.startswith("clips/") and m not in clips)
+                   or (m.startswith("codes/") and m[len("codes/"):][:16] not in shas))
     if extra:
-        raise CsmError(f"{bad}: it holds clips the profile does not name: {', '.join(extra)}")
+        raise CsmError(f"{bad}: it holds files the profile does not name: {', '.join(extra)}")
     return profile, files
 
 

@@ -246,6 +246,23 @@ def test_sampling_defaults_and_explicit_values(gen, store):
     assert (sampling.topk, sampling.temperature) == (1, 0.5)
 
 
+def test_batch_with_a_voice(gen, store):
+    batch = gen.generate_codes_batch(["Hello.", "Bye."], voice="Ada", max_audio_length_ms=240)
+    solo = [gen.generate_codes(t, voice="Ada", max_audio_length_ms=240) for t in ("Hello.", "Bye.")]
+    for a, b in zip(batch, solo, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_segment_codes_are_checked(gen, tmp_path):
+    codes = gen.codec.encode(read_audio(write_clip(tmp_path / "clip.wav")))
+    assert np.array_equal(gen.prompt("Hi.", 0, [csm.Segment(1, "a", codes=codes)]).tokens,
+                          gen.prompt("Hi.", 0, [csm.Segment(1, "a", codes=codes.astype(np.int16))]).tokens)
+    with pytest.raises(CsmError, match="segment codes must be integer Mimi codes"):
+        csm.Segment(1, "a", codes=np.zeros((3, 31), dtype=np.int64))
+    with pytest.raises(CsmError, match="not Mimi codes"):
+        csm.Segment(1, "a", codes=np.full((3, 32), 2048))
+
+
 def test_stream_with_a_voice(gen, store):
     chunks = list(gen.stream("Hello.", voice="Ada", max_audio_length_ms=400, watermark=False, first_chunk_frames=2,
                              chunk_frames=2))
