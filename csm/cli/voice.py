@@ -157,6 +157,7 @@ def import_voice(archive, rename, speaker_id):
 @click.option("--text", "-t", required=True, help="The words to speak.")
 @click.option("--output", "-o", type=click.Path(), required=True, help="WAV file to write.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
+@click.option("--model", "-m", help="The base model, for a voice that names none [default: unsloth/csm-1b].")
 @click.option("--device", help="cuda, cpu or mps (default: best available).")
 @click.option("--backend", "-b", default="auto", show_default=True, help="auto, torch or mlx.")
 @click.option("--seed", type=int, help="Seed for reproducible sampling.")
