@@ -349,10 +349,9 @@ class Generator:
         the first chunk comes after 1.04 s of speech instead of `first_chunk_frames`
         (see `csm.streaming`). Bad arguments raise here; the generation runs as you iterate.
         """
-        speaker, context, s = self.voice_turn(voice, text, speaker, context, max_audio_length_ms, temperature, topk,
-                                              top_p, seed)
-        request = self._engine_for(1).submit(text, speaker, context, max_audio_length_ms, s.temperature, s.topk,
-                                             s.top_p, seed, first_chunk_frames, chunk_frames, watermark, watermark_key)
+        request = self._engine_for(1).submit(text, speaker, context, max_audio_length_ms, temperature, topk, top_p,
+                                             seed, first_chunk_frames, chunk_frames, watermark, watermark_key,
+                                             voice=voice)
         return iter(request)
 
 

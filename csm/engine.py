@@ -40,7 +40,7 @@ import numpy as np
 
 from csm.errors import CsmError
 from csm.prompt import Frames, Segment, check_fits
-from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOPK, Sampling
+from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, Sampling
 from csm.streaming import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES, ChunkPlan, plan_chunks, regroup
 
 if TYPE_CHECKING:
@@ -243,21 +243,25 @@ class Engine:
     def submit(
         self,
         text: str,
-        speaker: int = 0,
+        speaker: int | None = None,
         context: Sequence[Segment] = (),
         max_audio_length_ms: float = DEFAULT_MAX_AUDIO_LENGTH_MS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        topk: int = DEFAULT_TOPK,
-        top_p: float = DEFAULT_TOP_P,
+        temperature: float | None = None,
+        topk: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES,
         chunk_frames: int = DEFAULT_CHUNK_FRAMES,
         watermark: bool = True,
         watermark_key: Sequence[int] | None = None,
+        *,
+        voice=None,
     ) -> Request:
         """Queue a turn to speak (`Generator.stream`'s arguments); iterate the request for its audio.
-        Bad arguments, a missing codec or missing watermark weights raise here, before any frame."""
-        sampling = Sampling(temperature, topk, top_p, max_audio_length_ms, seed)
+        Bad arguments, a missing codec or missing watermark weights raise here, before any frame.
+        None means the `voice`'s value (its speaker id, sampling defaults), else csm's default."""
+        speaker, context, sampling = self.generator.voice_turn(voice, text, speaker, context, max_audio_length_ms,
+                                                               temperature, topk, top_p, seed)
         plan = plan_chunks(first_chunk_frames, chunk_frames, watermark)
         key = self.generator.prepare_audio(watermark, watermark_key)
         prompt = self.generator.prompt(text, speaker, context)
