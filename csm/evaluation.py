@@ -18,7 +18,8 @@ What it measures (the `eval` extra: `pip install 'csm[eval]'`):
 - speech rate from the known text: words and syllables (a vowel-group estimate) per second of speech,
   speech being the time from the first to the last speech sample less the pauses.
 - pitch: librosa's pyin (librosa comes with resemblyzer anyway, so no extra dependency; pyin is
-  robust on speech and returns unvoiced frames as NaN). Median in Hz and the spread in semitones
+  robust on speech and returns unvoiced frames as NaN; praat-parselmouth would be
+  one more compiled wheel for the same numbers). Median in Hz and the spread in semitones
   (standard deviation of the voiced contour around its median); with a reference, the offset of the
   medians in semitones.
 - energy: RMS over the speech in dBFS (a full-scale square wave is 0 dBFS, a full-scale sine -3 dBFS).
@@ -241,7 +242,7 @@ def _pitch(wav: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import librosa
 
     f0, _, _ = librosa.pyin(wav, fmin=PITCH_FMIN, fmax=PITCH_FMAX, sr=ANALYSIS_RATE, frame_length=1024,
-                            hop_length=_HOP)
+                            hop_length=_HOP, resolution=0.2)  # 0.2-semitone bins: 5x faster than 0.1
     times = np.arange(len(f0)) * _HOP / ANALYSIS_RATE
     return times, f0.astype(np.float64)
 
