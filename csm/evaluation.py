@@ -11,6 +11,8 @@ What it measures (the `eval` extra: `pip install 'csm[eval]'`):
   same-speaker ceiling, the reference against `other_voice` (a different speaker) the floor;
   calibrated = (raw - floor) / (ceiling - floor), so 1 sounds as much like the reference as the
   reference does itself, 0 no more than the other voice. Without `other_voice` it is raw / ceiling.
+  Halves of a short reference (under ~6 s) embed less reliably than whole clips, so the ceiling is
+  low and the calibrated score can exceed 1: read it with the raw cosine beside it.
 - pauses: silero-vad (its model ships in the wheel) finds speech; pauses are the gaps of at least
   `MIN_PAUSE_S` between speech segments (leading and trailing silence are not pauses). When silero
   is missing or hears no speech at all (pure tones, noise) an energy detector takes over; the report
@@ -34,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -109,8 +112,8 @@ class Report:
         bars = [(n, getattr(self, n)) for n in names if getattr(self, n) is not None]
         labels, values = [n for n, _ in bars], [float(v) for _, v in bars]
         ax_bars.barh(labels, values, color="tab:blue")
-        for y, v in enumerate(values):
-            ax_bars.annotate(_fmt(v), (v, y), xytext=(3, 0), textcoords="offset points", va="center")
+        for y, (_, v) in enumerate(bars):
+            ax_bars.annotate(_fmt(v), (float(v), y), xytext=(3, 0), textcoords="offset points", va="center")
         ax_bars.invert_yaxis()
         ax_bars.set_title(f"metrics (energy {_fmt(self.energy_dbfs)} dBFS, pauses by {self.pause_detector})")
         fig.tight_layout()
@@ -198,7 +201,9 @@ def _speech_segments(wav: np.ndarray, detector: str) -> tuple[list[tuple[float, 
 def _silero_model():
     from silero_vad import load_silero_vad
 
-    return load_silero_vad()  # the packaged JIT model: no download
+    with warnings.catch_warnings():  # its loader's deprecation notices are not the user's to act on
+        warnings.simplefilter("ignore")
+        return load_silero_vad()  # the packaged JIT model: no download
 
 
 def _silero_segments(wav: np.ndarray) -> list[tuple[float, float]]:
@@ -288,7 +293,9 @@ def _text_measures(report: Report, text: str) -> None:
 @functools.lru_cache(maxsize=1)
 def _voice_encoder():
     try:
-        from resemblyzer import VoiceEncoder
+        with warnings.catch_warnings():  # webrtcvad's pkg_resources deprecation notice
+            warnings.simplefilter("ignore")
+            from resemblyzer import VoiceEncoder
     except ImportError:
         raise CsmError("speaker similarity needs resemblyzer: pip install 'csm[eval]'") from None
     return VoiceEncoder("cpu", verbose=False)  # weights from the wheel
