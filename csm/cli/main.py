@@ -33,7 +33,7 @@ _add("csm.cli.finetune", "group", "finetune")
 _add("csm.convert", "main", "convert")
 _add("csm.cli.watermark", "cli", "watermark")
 # commands whose modules are optional in this tree
-for _module, _attr, _name in (("csm.cli.voice", "group", "voice"), ("csm.cli.evaluate", "command", "eval")):
+for _module, _attr, _name in (("csm.cli.voice", "group", "voice"), ("csm.cli.evaluate", "cli", "eval")):
     try:
         _add(_module, _attr, _name)
     except (ImportError, AttributeError):
