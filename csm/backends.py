@@ -33,7 +33,7 @@ BACKEND_ENV = "CSM_BACKEND"
 # name -> (module, class, what to install when it is missing)
 REGISTRY = {
     "torch": ("csm_torch.backend", "TorchBackend", "pip install torch"),
-    "mlx": ("csm_mlx.backend", "MlxBackend", "pip install 'csm[mlx]'"),
+    "mlx": ("csm_mlx.backend", "MlxBackend", "pip install 'csm-speech[mlx]'"),
 }
 BACKENDS = tuple(REGISTRY)
 

@@ -126,7 +126,7 @@ def _write_mlx(ckpt: Checkpoint, tmp: Path, dtype: str | None, quantize: int | N
     try:
         from csm_mlx.convert import write_mlx
     except ImportError as exc:
-        raise CsmError(f"--to mlx needs MLX ({exc}); install it with `pip install 'csm[mlx]'`") from None
+        raise CsmError(f"--to mlx needs MLX ({exc}); install it with `pip install 'csm-speech[mlx]'`") from None
     write_mlx(ckpt, tmp, dtype, quantize, group_size, adapter)
 
 

@@ -176,7 +176,7 @@ class TorchTrainer(TrainingBackend):
         try:
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError:
-            raise CsmError("LoRA needs peft: install the train extra (pip install 'csm[train]', or "
+            raise CsmError("LoRA needs peft: install the train extra (pip install 'csm-speech[train]', or "
                            "uv run --extra train ...)") from None
 
         c = self.config

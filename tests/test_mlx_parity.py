@@ -163,7 +163,7 @@ def test_missing_mlx_says_how_to_install(tiny_model_dir, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "csm_mlx.backend", None)  # import fails as if MLX were absent
-    with pytest.raises(csm.CsmError, match=r"pip install 'csm\[mlx\]'"):
+    with pytest.raises(csm.CsmError, match=r"pip install 'csm-speech\[mlx\]'"):
         csm.load(tiny_model_dir, backend="mlx")
 
 

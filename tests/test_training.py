@@ -206,3 +206,17 @@ def test_validation_keeps_best_and_speaks_samples(tiny_model_dir, watermark_dir,
     # the same weights give the same validation loss: no random frames in validation
     again = CSMFineTuner(model_path=str(tmp_path / "voice"), output_dir=tmp_path / "x", precision="float32")
     assert again.evaluate(examples)["loss"] == pytest.approx(result.best_validation_loss, rel=1e-6)
+
+
+def test_prepare_then_train_keeps_the_prepared_model(tiny_transformers_dir, tmp_path):
+    """Sesame's API order: prepare_optimizer builds the model and optimizer; train's batch size and
+    epochs do not build them again."""
+    rng = np.random.default_rng(0)
+    tuner = CSMFineTuner(model_path=str(tiny_transformers_dir[0]), output_dir=tmp_path / "v", learning_rate=2e-5,
+                         precision="float32")
+    tuner.prepare_optimizer(freeze_backbone=True)
+    prepared = tuner._backend
+    result = tuner.train(train_dataset=[random_example(rng, "a", 5)], batch_size=1, epochs=2)
+    assert tuner._backend is prepared and result.steps == 2
+    assert tuner.config.freeze_backbone and prepared.lora_regex.startswith("^((decoder)")
+    assert set(tuner.evaluate([random_example(rng, "b", 4)])) >= {"loss", "semantic_loss", "acoustic_loss"}

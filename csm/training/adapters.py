@@ -642,7 +642,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, model_path
     if quantize is not None and quantize not in (4, 8):
         raise CsmError(f"cannot quantize to {quantize} bits; use 4 or 8")
     if quantize is not None and not mlx_installed():
-        raise CsmError("--quantize writes MLX weights and needs MLX; install it with `pip install 'csm[mlx]'`")
+        raise CsmError("--quantize writes MLX weights and needs MLX; install it with `pip install 'csm-speech[mlx]'`")
     adapter = read_adapter(adapter_dir)
     base = model_path if model_path is not None else base_model_location(adapter)
     return convert(base, output_dir, "mlx" if quantize else "csm", dtype=dtype, force=force, quantize=quantize,

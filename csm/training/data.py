@@ -220,7 +220,7 @@ def load_codec(backend: str, model_dir: Path, device: str | None = None):
             from csm_mlx.mimi import load_mimi as load_mlx_mimi
         except ImportError as exc:
             raise CsmError(f"the mlx backend needs packages that are not installed ({exc}); "
-                           "install them with `pip install 'csm[mlx]'`") from None
+                           "install them with `pip install 'csm-speech[mlx]'`") from None
         return load_mlx_mimi(model_dir)
     from csm_torch.loading import pick_device
     from csm_torch.mimi import load_mimi
@@ -301,7 +301,7 @@ def _loudness_meter():
     try:
         import pyloudnorm
     except ImportError:
-        raise CsmError("loudness normalisation needs pyloudnorm: pip install 'csm[train]'") from None
+        raise CsmError("loudness normalisation needs pyloudnorm: pip install 'csm-speech[train]'") from None
     return pyloudnorm.Meter(SAMPLE_RATE)
 
 

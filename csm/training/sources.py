@@ -381,7 +381,8 @@ def read_hf_dataset(name: str, text_column: str, audio_column: str, speaker_colu
     try:
         import datasets
     except ImportError:
-        raise CsmError("reading a Hugging Face dataset needs the datasets package: pip install 'csm[train]'") from None
+        raise CsmError("reading a Hugging Face dataset needs the datasets package: "
+                       "pip install 'csm-speech[train]'") from None
     local = Path(name).expanduser()
     try:
         if local.is_dir():

@@ -30,6 +30,11 @@ from csm.training.loop import TrainResult, evaluate, run_training
 
 RUN_FILE = "train_config.json"
 SAMPLE_MS = 10_000  # longest sample clip
+# settings a prepared model and optimizer do not depend on: `train` may change them without a rebuild
+RUN_SETTINGS = {"data", "audio_dir", "transcript_dir", "validation_data", "batch_size", "batch_frames", "epochs",
+                "max_steps", "grad_accum", "max_grad_norm", "warmup_steps", "learning_rate", "semantic_weight",
+                "acoustic_weight", "decoder_fraction", "train_on", "context_turns", "validation_split", "eval_every",
+                "patience", "save_every", "sample_prompts", "merge", "speaker_id", "style_name"}
 # what a run writes into its output folder; anything else there is the user's
 RUN_OUTPUTS = {"checkpoints", "metrics.jsonl", RUN_FILE, "data", "validation_data", "samples",
                "adapter_model.safetensors", "adapter_config.json", "csm_adapter.json", "model.safetensors",
@@ -120,7 +125,10 @@ class CSMFineTuner:
         changes = {k: v for k, v in dict(batch_size=batch_size, epochs=epochs, **settings).items() if v is not None}
         if changes:
             self.config = self.config.replace(**changes)
-            self._backend = None
+            if set(changes) <= RUN_SETTINGS and self._backend is not None:
+                self._backend.config = self.config  # the model and optimizer stay as prepared
+            else:
+                self._backend = None
         if self.config.backend not in ("auto", "torch"):
             self._build()  # refuses a backend that cannot train yet, before any data is prepared
         self._open()
