@@ -355,3 +355,14 @@ def test_generate_cli_with_a_voice_or_a_reference_clip(store, clips, tmp_path, c
     assert code != 0 and "--ref-audio and --ref-text go together" in err
     code, _, err = run_main(main, ["--text", "Hello.", *base, "--voice", "Nobody"], capsys)
     assert code != 0 and "known voices: Ada" in err
+
+
+def test_csm_voice_is_csm_voice():
+    from click.testing import CliRunner
+
+    from csm.cli.main import group
+    from csm.cli.voice import group as voice_group
+
+    assert group.commands["voice"] is voice_group
+    result = CliRunner().invoke(group, ["voice", "list"])
+    assert result.exit_code == 0 and "no voices yet" in result.output
