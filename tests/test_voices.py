@@ -315,6 +315,8 @@ def test_voice_cli(clips, tmp_path, capsys, tiny_model_dir):
     code, _, err = run_main(main, args, capsys)
     assert code == 0, err
     assert sf.info(str(out_wav)).frames == 5 * 1920
+    report = json.loads((tmp_path / "sample.eval.json").read_text())  # the clip measured against the voice
+    assert report["duration_s"] == pytest.approx(0.4, abs=0.01) and "similarity" in report
     code, _, err = run_main(main, args, capsys)
     assert code != 0 and err.startswith("error:") and "--force" in err and len(err.splitlines()) == 1
     code, _, _ = run_main(main, ["export", "Ada", tmp_path / "ada.tgz"], capsys)

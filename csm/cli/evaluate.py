@@ -66,10 +66,9 @@ def cli(file, reference, other, text, json_path, figure, pauses, force):
                       other_sample_rate=oth_rate, pause_detector=pauses)
     click.echo(report.table())
     if json_path:
-        import json
-        from pathlib import Path
+        from csm.files import write_json_atomic
 
-        Path(json_path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_json_atomic(json_path, report.to_dict())
         click.echo(f"wrote {json_path}", err=True)
     if figure:
         report.figure(figure)

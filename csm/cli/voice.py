@@ -6,6 +6,8 @@ Listing and editing profiles imports neither torch nor MLX: only `sample` loads 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from csm.cli.common import entry_point
@@ -166,10 +168,35 @@ def import_voice(archive, rename, speaker_id):
 @click.option("--watermark-model", help="Folder with the silentcipher weights.")
 @click.option("--no-watermark", is_flag=True, help="Do not watermark (not recommended).")
 def sample(name_or_id, **opts):
-    """Speak --text in a voice into a WAV file (csm-generate --voice with the voice's settings)."""
+    """Speak --text in a voice into a WAV file (csm-generate --voice with the voice's settings),
+    and measure it against the voice's newest reference clip (csm eval): a table here, the
+    numbers in <output>.eval.json."""
     from csm.cli.generate import generate_defaults, run
 
+    voice = store().get(name_or_id)
+    report_path = Path(opts["output"]).with_suffix(".eval.json")
+    if report_path.exists() and not opts.get("force"):
+        raise CsmError(f"{report_path} already exists; pass --force to overwrite it")
     run({**generate_defaults(), **{k: v for k, v in opts.items() if v is not None}, "voice": name_or_id})
+    _evaluate_sample(Path(opts["output"]), opts["text"], voice, report_path)
+
+
+def _evaluate_sample(clip: Path, text: str, voice, report_path: Path) -> None:
+    try:
+        from csm.evaluation import evaluate
+    except ImportError as exc:
+        click.echo(f"(no evaluation: the eval extra is not installed ({exc}); pip install 'csm-speech[eval]')",
+                   err=True)
+        return
+    from csm.audio import read_audio
+    from csm.files import write_json_atomic
+
+    audio = read_audio(clip)
+    reference = read_audio(store().root / voice.references[-1].file) if voice.references else None
+    report = evaluate(audio, 24_000, text=text, reference=reference, reference_sample_rate=24_000)
+    write_json_atomic(report_path, report.to_dict())
+    click.echo(report.table())
+    click.echo(f"wrote {report_path}")
 
 
 main = entry_point(group)
