@@ -1,7 +1,7 @@
 """silentcipher watermarking: key parsing, weight resolution, embed/detect on random weights, CLI.
 
 Random weights cannot decode anything, so detection with them is only checked to run and return
-a key or None; CLI exit codes are pinned by monkeypatching `Watermarker.detect`. Detection audio
+a key or None; CLI exit codes are pinned by monkeypatching `Watermarker.locate`. Detection audio
 with the random network stays under ~0.84 s (less than one copy of the message: no decoding at
 all), because from 21 STFT frames on, every decoder run costs seconds. The fast search is
 compared with silentcipher's exhaustive `decode_wav(..., phase_shift_decoding=True)` through a
@@ -353,19 +353,27 @@ def _run(args):
 
 
 def test_cli_check_found_and_not_found(clip, wm_dir, monkeypatch):
-    monkeypatch.setattr(Watermarker, "detect", lambda self, audio, rate: PUBLIC_KEY)
+    monkeypatch.setattr(Watermarker, "locate", lambda self, audio, rate: Detection(PUBLIC_KEY, 0, 1.0))
     result = _run(["check", clip, "--watermark-model", wm_dir])
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == "watermark found (key 212,211,146,56,201)"
+    assert result.stdout.strip() == "watermark found (key 212,211,146,56,201) at shift 0 samples"
 
     result = _run(["check", clip, "--watermark-model", wm_dir, "--key", "1, 2, 3, 4, 5"])
     assert result.exit_code == 1
-    assert result.stdout.startswith("no watermark with key 1,2,3,4,5")
+    assert result.stdout.strip() == (
+        "no watermark with key 1,2,3,4,5 (found a watermark with key 212,211,146,56,201 at shift 0 samples)"
+    )
 
-    monkeypatch.setattr(Watermarker, "detect", lambda self, audio, rate: None)
-    result = _run(["check", clip, "--watermark-model", wm_dir])
-    assert result.exit_code == 1
-    assert result.stdout.strip() == "no watermark with key 212,211,146,56,201"
+    monkeypatch.setattr(Watermarker, "locate", lambda self, audio, rate: Detection((1, 2, 3, 4, 5), 1330, 0.9))
+    result = _run(["check", clip, "--watermark-model", wm_dir, "--key", "1,2,3,4,5"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == "watermark found (key 1,2,3,4,5) at shift 1330 samples"
+
+    for nothing in (Detection(None, 0, 0.5), Detection(None, None)):
+        monkeypatch.setattr(Watermarker, "locate", lambda self, audio, rate, nothing=nothing: nothing)
+        result = _run(["check", clip, "--watermark-model", wm_dir])
+        assert result.exit_code == 1
+        assert result.stdout.strip() == "no watermark with key 212,211,146,56,201"
 
 
 def test_cli_check_real_run(clip, wm_dir):
