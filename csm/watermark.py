@@ -297,10 +297,13 @@ class Watermarker:
     def locate(self, audio: np.ndarray, sample_rate: int) -> Detection:
         """The key watermarked into mono `audio` and the alignment it decoded at.
 
-        The verdict is that of silentcipher's `decode_wav(..., phase_shift_decoding=True)`:
-        exactly so whenever the unshifted clip decodes a key or its copies of the message agree
-        in every frame (then that search would settle on shift 0 too), and otherwise as found by
-        the coarse-to-fine search of `_search_shift`."""
+        The verdict is meant to be that of silentcipher's `decode_wav(..., phase_shift_decoding=True)`,
+        which keeps the alignment (0, 10, ..., 2040 samples skipped) whose copies of the message
+        agree best and decodes there. It is exactly that when the unshifted copies agree in every
+        frame (no alignment can score higher, so that search settles on 0 too), and for clips too
+        short to decode. When the unshifted clip yields a key with less agreement, we keep it: a
+        better-agreeing alignment of the same watermark decodes the same key; only a key read from
+        unmarked audio could come out another one. Otherwise `_search_shift` finds the alignment."""
         import torch
 
         audio = _as_mono(audio)
@@ -363,11 +366,16 @@ class Watermarker:
         by d samples keeps the window on (4096 - d) / 4096 of the samples it was written into.
         The agreement of the copies therefore falls off smoothly over hundreds of samples around
         the true alignment; the 10-sample steps oversample that peak. A coarse pass every
-        `coarse` samples lands within half a step of the peak, and a fine pass at silentcipher's
+        `COARSE_STEP` samples lands within half a step of the peak, and a fine pass at silentcipher's
         10-sample steps around the best two coarse alignments (two guard against a near tie)
         pins it down. The search reads only the clip's first `SEARCH_COPIES` copies of the
         message (the whole clip when shorter): the alignment is the same all along a file, and
-        the verdict is then decoded from the whole clip at the alignment found."""
+        the verdict is then decoded from the whole clip at the alignment found.
+
+        Where it can differ from the exhaustive search: on audio with no such peak (unmarked
+        audio, where both almost always find no key), and on a clip whose first 3 seconds carry
+        no watermark while later ones do (other audio put in front), which the exhaustive search
+        may still read from the votes of the later copies."""
         shifts = self._shifts()
         length = self._message_len()
         hop = int(self.model.config.HOP_LENGTH)
