@@ -339,18 +339,20 @@ class Watermarker:
         return list(range(0, int(self.model.config.HOP_LENGTH), 10))
 
     def _frames(self, samples: np.ndarray) -> int:
+        magnitude, _ = self.model.stft.transform(self._tensor(samples))
+        return int(magnitude.shape[-1])
+
+    def _tensor(self, samples: np.ndarray):
         import torch
 
-        magnitude, _ = self.model.stft.transform(torch.from_numpy(np.ascontiguousarray(samples, np.float32))[None])
-        return int(magnitude.shape[-1])
+        return torch.from_numpy(np.ascontiguousarray(samples, np.float32))[None].to(self.model.device)
 
     def _symbols(self, scaled: np.ndarray, shift: int) -> np.ndarray:
         """The decoder's symbol for every frame of `scaled[shift:]`, one row per whole copy of the
         message (the released model has one message decoder, the one whose key we read)."""
         import torch
 
-        samples = torch.from_numpy(np.ascontiguousarray(scaled[shift:], np.float32))[None]
-        magnitude, _ = self.model.stft.transform(samples)
+        magnitude, _ = self.model.stft.transform(self._tensor(scaled[shift:]))
         logits = self.model.dec_m[0](magnitude[:, None])  # (1, 1, symbols, frames)
         symbols = torch.argmax(logits[0, 0], dim=0).cpu().numpy()
         length = self._message_len()
