@@ -1,9 +1,12 @@
 """silentcipher watermarking: key parsing, weight resolution, embed/detect on random weights, CLI.
 
-Random weights cannot decode anything, so detection is only checked to run and return a key or
-None; CLI exit codes are pinned by monkeypatching `Watermarker.detect`. Detection audio stays
-under ~0.95 s: from 21 STFT frames on, silentcipher's phase-shift search runs its decoder 205
-times (minutes per second of audio on a small CPU)."""
+Random weights cannot decode anything, so detection with them is only checked to run and return
+a key or None; CLI exit codes are pinned by monkeypatching `Watermarker.locate`. Detection audio
+with the random network stays under ~0.84 s (less than one copy of the message: no decoding at
+all), because from 21 STFT frames on, every decoder run costs seconds. The fast search is
+compared with silentcipher's exhaustive `decode_wav(..., phase_shift_decoding=True)` through a
+stand-in message decoder (`_ToneDecoder`) that reads a tone-coded watermark: silentcipher's own
+framing, voting and search run unchanged around it, in milliseconds per alignment."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from csm.audio import read_audio, write_wav
@@ -20,6 +24,8 @@ from csm.errors import CsmError
 from csm.watermark import (
     PUBLIC_KEY,
     WATERMARK_ENV,
+    WATERMARK_SAMPLE_RATE,
+    Detection,
     Watermarker,
     format_key,
     parse_key,
@@ -185,6 +191,140 @@ def test_check_compares_decoded_key(watermarker, monkeypatch):
     assert watermarker.check(np.ones(10, np.float32), RATE, key=(1, 2, 3, 4, 5)) is False
 
 
+# --- the fast search against silentcipher's exhaustive one ---------------------------------------------
+
+SR = WATERMARK_SAMPLE_RATE
+HOP = 2048
+TONES = (700, 1300, 1900, 2500, 3100)  # Hz, one per symbol 0..4
+
+
+class _ToneDecoder(torch.nn.Module):
+    """A stand-in for silentcipher's message decoder: symbol c's score is the magnitude around
+    TONES[c], so a clip holding one tone per 2048-sample frame decodes as a watermark, and only
+    near the frame grid it was written on (half a hop off, two tones share each window)."""
+
+    def forward(self, magnitude):
+        bins = [round(f * 4096 / SR) for f in TONES]
+        return torch.stack([magnitude[:, :, b - 4 : b + 5].sum(2) for b in bins], dim=2)
+
+
+class _ScriptedDecoder(torch.nn.Module):
+    """A stand-in that ignores the audio and decodes frame i as symbols[i % len(symbols)]."""
+
+    def __init__(self, symbols):
+        super().__init__()
+        self.symbols = list(symbols)
+
+    def forward(self, magnitude):
+        frames = magnitude.shape[-1]
+        chosen = torch.tensor([self.symbols[i % len(self.symbols)] for i in range(frames)])
+        return torch.nn.functional.one_hot(chosen, 5).T.float()[None, None]
+
+
+def _symbols_of(key):
+    """The 21 symbols per copy that silentcipher writes for a 5-byte key: 2 bits each, + 1, then 0."""
+    bits = "".join(f"{b:08b}" for b in key)
+    return [int(bits[i : i + 2], 2) + 1 for i in range(0, len(bits), 2)] + [0]
+
+
+def _tone_clip(key, seconds, seed=0):
+    """A tone-coded "watermark" on silentcipher's frame grid: frame k (centered on sample k * HOP)
+    holds the tone of the k-th symbol of the repeated message, under a little noise."""
+    n = int(seconds * SR)
+    t = np.arange(n) / SR
+    cycle = _symbols_of(key)
+    out = np.zeros(n)
+    for k in range(n // HOP + 2):
+        a, b = max(0, k * HOP - HOP // 2), min(n, k * HOP + HOP // 2)
+        out[a:b] = 0.3 * np.sin(2 * np.pi * TONES[cycle[k % len(cycle)]] * t[a:b])
+    return (out + 0.01 * np.random.default_rng(seed).standard_normal(n)).astype(np.float32)
+
+
+def _exhaustive(watermarker, audio):
+    """The verdict of silentcipher's full phase-shift search, read as `detect` used to read it."""
+    result = watermarker.model.decode_wav(audio, SR, phase_shift_decoding=True)
+    if not result.get("status") or not result.get("messages"):
+        return None
+    message = result["messages"][0]
+    if len(message) != 5 or not all(0 <= int(v) <= 255 for v in message):
+        return None
+    return tuple(int(v) for v in message)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The search tests run hundreds of small STFTs; with the cores shared, one thread is far faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _noise(n, seed):
+    return (0.01 * np.random.default_rng(seed).standard_normal(n)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "edit,samples",
+    [("prepend", 300), ("prepend", 1024), ("crop", 1024), ("crop", 1500), ("crop", 2047), ("noise", 0)],
+)
+def test_fast_search_matches_exhaustive_on_shifted_clips(watermarker, monkeypatch, edit, samples):
+    monkeypatch.setattr(watermarker.model, "dec_m", [_ToneDecoder()])
+    key = (1, 2, 3, 4, 5) if samples % 2 else PUBLIC_KEY
+    clip = _tone_clip(key, 2.3)
+    if edit == "prepend":
+        clip = np.concatenate([_noise(samples, samples), clip])
+    elif edit == "crop":
+        clip = clip[samples:]
+    else:
+        clip = 10 * _noise(clip.shape[0], 1)
+    found = watermarker.locate(clip, SR)
+    assert found.key == _exhaustive(watermarker, clip)
+    assert found.key == (None if edit == "noise" else key)
+    assert found.shift is not None and 0 <= found.shift < HOP
+    if (edit, samples) in {("prepend", 1024), ("crop", 1024)}:
+        # Half a hop off the grid, two tones share every window: only a shifted decode reads it.
+        assert found.shift != 0 and found.agreement == 1.0
+    assert watermarker.detect(clip, SR) == found.key
+    assert watermarker.check(clip, SR, key) is (found.key == key)
+
+
+def test_fast_search_too_short_for_every_shift(watermarker, monkeypatch):
+    # 37,500 samples make 21 frames (one copy of the message) unshifted, but fewer after
+    # silentcipher's largest shift (2040): its search then fails on the whole clip, and so does ours.
+    monkeypatch.setattr(watermarker.model, "dec_m", [_ScriptedDecoder(_symbols_of(PUBLIC_KEY))])
+    clip = 10 * _noise(39_000, 2)
+    assert _exhaustive(watermarker, clip[:37_500]) is None
+    assert watermarker.locate(clip[:37_500], SR) == Detection(None, None)
+    assert _exhaustive(watermarker, clip) == PUBLIC_KEY
+    assert watermarker.locate(clip, SR) == Detection(PUBLIC_KEY, 0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "symbols",
+    [
+        _symbols_of(PUBLIC_KEY),  # a key
+        _symbols_of((0, 255, 7, 128, 64))[5:] + _symbols_of((0, 255, 7, 128, 64))[:5],  # rotated
+        [1] * 21,  # no end mark
+        [0, 1] * 10 + [0],  # several end marks
+        _symbols_of(PUBLIC_KEY) + [3] * 21,  # ties between copies: the smaller symbol wins
+    ],
+)
+def test_key_reading_matches_silentcipher(watermarker, monkeypatch, symbols):
+    monkeypatch.setattr(watermarker.model, "dec_m", [_ScriptedDecoder(symbols)])
+    clip = _tone_clip(PUBLIC_KEY, 2.0)  # 45 frames: two copies of the message
+    result = watermarker.model.decode_wav(clip, SR, phase_shift_decoding=False)
+    expected = None
+    if result.get("status") and result["messages"]:
+        message = result["messages"][0]
+        if len(message) == 5 and all(0 <= int(v) <= 255 for v in message):
+            expected = tuple(int(v) for v in message)
+    found = watermarker.locate(clip, SR)
+    assert found.key == expected
+    if symbols == _symbols_of(PUBLIC_KEY):
+        assert expected == PUBLIC_KEY and found.shift == 0
+
+
 # --- CLI -------------------------------------------------------------------------------------------------
 
 
@@ -213,19 +353,27 @@ def _run(args):
 
 
 def test_cli_check_found_and_not_found(clip, wm_dir, monkeypatch):
-    monkeypatch.setattr(Watermarker, "detect", lambda self, audio, rate: PUBLIC_KEY)
+    monkeypatch.setattr(Watermarker, "locate", lambda self, audio, rate: Detection(PUBLIC_KEY, 0, 1.0))
     result = _run(["check", clip, "--watermark-model", wm_dir])
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == "watermark found (key 212,211,146,56,201)"
+    assert result.stdout.strip() == "watermark found (key 212,211,146,56,201) at shift 0 samples"
 
     result = _run(["check", clip, "--watermark-model", wm_dir, "--key", "1, 2, 3, 4, 5"])
     assert result.exit_code == 1
-    assert result.stdout.startswith("no watermark with key 1,2,3,4,5")
+    assert result.stdout.strip() == (
+        "no watermark with key 1,2,3,4,5 (found a watermark with key 212,211,146,56,201 at shift 0 samples)"
+    )
 
-    monkeypatch.setattr(Watermarker, "detect", lambda self, audio, rate: None)
-    result = _run(["check", clip, "--watermark-model", wm_dir])
-    assert result.exit_code == 1
-    assert result.stdout.strip() == "no watermark with key 212,211,146,56,201"
+    monkeypatch.setattr(Watermarker, "locate", lambda self, audio, rate: Detection((1, 2, 3, 4, 5), 1330, 0.9))
+    result = _run(["check", clip, "--watermark-model", wm_dir, "--key", "1,2,3,4,5"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == "watermark found (key 1,2,3,4,5) at shift 1330 samples"
+
+    for nothing in (Detection(None, 0, 0.5), Detection(None, None)):
+        monkeypatch.setattr(Watermarker, "locate", lambda self, audio, rate, nothing=nothing: nothing)
+        result = _run(["check", clip, "--watermark-model", wm_dir])
+        assert result.exit_code == 1
+        assert result.stdout.strip() == "no watermark with key 212,211,146,56,201"
 
 
 def test_cli_check_real_run(clip, wm_dir):

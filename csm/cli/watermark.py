@@ -48,7 +48,10 @@ def cli():
 @_key_option
 @_model_option
 def check(file, key, watermark_model):
-    """Exit 0 if FILE carries the watermark KEY, 1 if not."""
+    """Exit 0 if FILE carries the watermark KEY, 1 if not.
+
+    A key found is reported with the shift it decoded at: how many samples of the 44.1 kHz
+    audio come before the watermark's frame grid (0 for a file this package wrote)."""
     from csm.audio import read_audio
     from csm.watermark import WATERMARK_SAMPLE_RATE, Watermarker, format_key, parse_key
 
@@ -56,11 +59,14 @@ def check(file, key, watermark_model):
     # Read straight at the watermark model's rate: one resampling step, not two.
     audio = read_audio(file, sample_rate=WATERMARK_SAMPLE_RATE)
     watermarker = Watermarker.load(watermark_model)
-    found = watermarker.detect(audio, WATERMARK_SAMPLE_RATE)
+    detection = watermarker.locate(audio, WATERMARK_SAMPLE_RATE)
+    found = detection.key
+    # The shift is in samples of the 44.1 kHz audio dropped from the start to align the decoder.
+    at = f" at shift {detection.shift} samples" if detection.shift is not None else ""
     if found == wanted:
-        click.echo(f"watermark found (key {format_key(wanted)})")
+        click.echo(f"watermark found (key {format_key(wanted)}){at}")
         sys.exit(0)
-    extra = f" (found a watermark with key {format_key(found)})" if found is not None else ""
+    extra = f" (found a watermark with key {format_key(found)}{at})" if found is not None else ""
     click.echo(f"no watermark with key {format_key(wanted)}{extra}")
     sys.exit(1)
 
