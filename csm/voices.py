@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from csm.errors import CsmError
+from csm.files import write_bytes_atomic, write_json_atomic
 
 SCHEMA = 1
 STORE_FILE = "voices.json"
@@ -289,7 +290,7 @@ class VoiceStore:
             voices = self.list()
             yield voices
             self._check_unique(voices)
-            _write_json_atomic(self.file, {"schema": SCHEMA, "voices": [v.to_dict() for v in voices]})
+            write_json_atomic(self.file, {"schema": SCHEMA, "voices": [v.to_dict() for v in voices]})
 
     @staticmethod
     def _check_unique(voices: list[Voice]) -> None:
@@ -379,11 +380,11 @@ class VoiceStore:
                 refs = []
                 for ref in voice.references:
                     member = Path(ref.file).name
-                    _write_bytes(staging / member, files[f"{CLIPS_DIR}/{member}"])
+                    write_bytes_atomic(staging / member, files[f"{CLIPS_DIR}/{member}"])
                     refs.append(Reference(f"{voice.clip_folder}/{member}", ref.transcript, ref.duration_s, ref.sha256))
                 for member, data in files.items():
                     if member.startswith(f"{CODES_DIR}/"):
-                        _write_bytes(staging / CODES_DIR / Path(member).name, data)
+                        write_bytes_atomic(staging / CODES_DIR / Path(member).name, data)
                 voice.references = refs
                 os.replace(staging, self.root / voice.clip_folder)
             except BaseException:
@@ -478,23 +479,6 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write a file atomically (temp file in its folder + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    _write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
 # --- using a voice ----------------------------------------------------------------------------
 
 def resolve_voice(voice) -> Voice:
@@ -536,6 +520,6 @@ def _save_codes(path: Path, codes: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, codes.astype(np.int16), allow_pickle=False)  # codes < 2048: int16 holds them
     try:
-        _write_bytes(path, buffer.getvalue())
+        write_bytes_atomic(path, buffer.getvalue())
     except OSError:
         pass  # a read-only store still works: the clip is encoded again next time
