@@ -108,10 +108,10 @@ class CSMFineTuner:
             if not all(isinstance(e, Example) for e in dataset):
                 raise CsmError("a dataset given as a list must hold csm.training.examples.Example items")
             return dataset
-        from csm.training.data import PreparedDataset, resolve_training_data
+        from csm.training.data import PreparedDataset
 
         if not isinstance(dataset, PreparedDataset):
-            dataset = resolve_training_data(self.config.replace(data=str(dataset)), self.output_dir / "data")
+            dataset = self._dataset(self.config.replace(data=str(dataset)), "data")
         speaker = self.config.speaker_id if self.config.train_on == "speaker" else None
         return dataset.examples(split, train_on=self.config.train_on, speaker_id=speaker)
 
