@@ -289,6 +289,25 @@ def test_fast_search_matches_exhaustive_on_shifted_clips(watermarker, monkeypatc
     assert watermarker.check(clip, SR, key) is (found.key == key)
 
 
+class _CountingToneDecoder(_ToneDecoder):
+    """A `_ToneDecoder` that remembers the most frames it was given at once."""
+
+    most_frames = 0
+
+    def forward(self, magnitude):
+        self.most_frames = max(self.most_frames, magnitude.shape[-1])
+        return super().forward(magnitude)
+
+
+def test_marked_long_clip_is_read_from_its_opening(watermarker, monkeypatch):
+    decoder = _CountingToneDecoder()
+    monkeypatch.setattr(watermarker.model, "dec_m", [decoder])
+    clip = _tone_clip(PUBLIC_KEY, 6.5)  # six copies of the message
+    assert watermarker.locate(clip, SR) == Detection(PUBLIC_KEY, 0, 1.0)
+    assert decoder.most_frames < 70  # three copies (63 frames) and the margin for every alignment, not 140
+    assert _exhaustive(watermarker, clip) == PUBLIC_KEY
+
+
 def test_fast_search_too_short_for_every_shift(watermarker, monkeypatch):
     # 37,500 samples make 21 frames (one copy of the message) unshifted, but fewer after
     # silentcipher's largest shift (2040): its search then fails on the whole clip, and so does ours.
