@@ -90,6 +90,10 @@ class Generator:
         encoded = [(seg, self._segment_codes(seg)) for seg in context]
         return build_prompt(self.tokenizer, text, speaker, encoded, self.config.audio_num_codebooks)
 
+    def encode(self, audio, sample_rate: int = MODEL_SAMPLE_RATE) -> np.ndarray:
+        """Mono audio -> its Mimi codes [frames, 32] (what `decode` turns back into audio)."""
+        return self._segment_codes(Segment(0, "", audio=audio, sample_rate=sample_rate))
+
     def _segment_codes(self, segment: Segment) -> np.ndarray | None:
         """A context segment's Mimi codes: the ones it carries, else its audio encoded, else None."""
         if segment.codes is not None:

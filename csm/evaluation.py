@@ -14,7 +14,8 @@ What it measures (the `eval` extra: `pip install 'csm-speech[eval]'`):
   Halves of a short reference (under ~6 s) embed less reliably than whole clips, so the ceiling is
   low and the calibrated score can exceed 1: read it with the raw cosine beside it.
 - pauses: silero-vad (its model ships in the wheel) finds speech; pauses are the gaps of at least
-  `MIN_PAUSE_S` between speech segments (leading and trailing silence are not pauses). When silero
+  `MIN_PAUSE_S` between speech segments (leading and trailing silence are not pauses; they are
+  reported on their own, the leading one being the gap a turn leaves before it speaks). When silero
   is missing or hears no speech at all (pure tones, noise) an energy detector takes over; the report
   names the detector used.
 - speech rate from the known text: words and syllables (a vowel-group estimate) per second of speech,
@@ -64,6 +65,8 @@ class Report:
     pause_count: int
     pause_total_s: float
     longest_pause_s: float
+    leading_silence_s: float | None  # before the first speech (None: no speech found)
+    trailing_silence_s: float | None  # after the last speech
     energy_dbfs: float | None
     pitch_median_hz: float | None
     pitch_spread_semitones: float | None
@@ -128,12 +131,13 @@ def _fmt(value) -> str:
 
 
 def evaluate(audio, sample_rate: int, text: str | None = None, reference=None, reference_sample_rate: int | None = None,
-             other_voice=None, other_sample_rate: int | None = None, pause_detector: str = "auto") -> Report:
+             other_voice=None, other_sample_rate: int | None = None, pause_detector: str = "auto",
+             pitch: bool = True) -> Report:
     """Measure a clip. `audio`, `reference`, `other_voice`: mono (or [N, channels]) float samples.
 
     `reference_sample_rate` and `other_sample_rate` default to `sample_rate`. `pause_detector`:
     "auto" (silero-vad, the energy detector when silero hears no speech or is not installed),
-    "silero" or "energy".
+    "silero" or "energy". `pitch=False` skips the pitch measures (pyin is the slowest part).
     """
     if pause_detector not in ("auto", "silero", "energy"):
         raise CsmError(f"pause_detector must be auto, silero or energy, not {pause_detector!r}")
@@ -145,21 +149,24 @@ def evaluate(audio, sample_rate: int, text: str | None = None, reference=None, r
     speech = np.concatenate([wav[int(s * ANALYSIS_RATE):int(e * ANALYSIS_RATE)] for s, e in segments]) \
         if segments else wav[:0]
     energy = _dbfs(speech) if len(speech) else None
-    times, f0 = _pitch(wav)
-    median, spread = _pitch_stats(f0)
+    times, f0 = _pitch(wav) if pitch else (None, None)
+    median, spread = _pitch_stats(f0) if pitch else (None, None)
     report = Report(duration_s=duration, speech_s=float(speech_s), pause_detector=detector, pause_count=len(pauses),
                     pause_total_s=float(sum(pauses)), longest_pause_s=float(max(pauses, default=0.0)),
+                    leading_silence_s=float(segments[0][0]) if segments else None,
+                    trailing_silence_s=float(duration - segments[-1][1]) if segments else None,
                     energy_dbfs=energy, pitch_median_hz=median, pitch_spread_semitones=spread,
-                    pitch_contour=(times, f0))
+                    pitch_contour=(times, f0) if pitch else None)
     if text is not None:
         _text_measures(report, text)
     if reference is not None:
         ref = _prepare(reference, reference_sample_rate or sample_rate, "reference")
-        ref_times, ref_f0 = _pitch(ref)
-        report.reference_pitch_contour = (ref_times, ref_f0)
-        report.reference_pitch_median_hz, _ = _pitch_stats(ref_f0)
-        if median and report.reference_pitch_median_hz:
-            report.pitch_offset_semitones = 12 * math.log2(median / report.reference_pitch_median_hz)
+        if pitch:
+            ref_times, ref_f0 = _pitch(ref)
+            report.reference_pitch_contour = (ref_times, ref_f0)
+            report.reference_pitch_median_hz, _ = _pitch_stats(ref_f0)
+            if median and report.reference_pitch_median_hz:
+                report.pitch_offset_semitones = 12 * math.log2(median / report.reference_pitch_median_hz)
         other = None if other_voice is None else _prepare(other_voice, other_sample_rate or sample_rate, "other voice")
         _similarity(report, wav, ref, other)
     elif other_voice is not None:
