@@ -233,3 +233,52 @@ def test_cli_format_switchboard(tmp_path, tiny_model_dir, corpus, monkeypatch):
     assert code == 2 and stderr.startswith("error: ") and "--transcript-dir" in stderr and stderr.count("\n") == 1
     code, _, stderr = run("--format", "fisher", "--input-dir", corpus.audio, "--output-dir", tmp_path / "out")
     assert code == 2 and "fisher" in stderr
+
+
+FAKE_SPH2PIPE = """#!{python}
+# Stands in for LDC's sph2pipe (`sph2pipe -f wav -p -c 1|2 -t bsec:esec infile`, WAV on stdout),
+# for a test file whose header says shorten but whose samples are plain mu-law.
+import io, sys
+import soundfile as sf
+args = sys.argv[1:]
+assert args[:3] == ["-f", "wav", "-p"] and args[3] == "-c" and args[5] == "-t", args
+channel, (start, end), path = int(args[4]) - 1, map(float, args[6].split(":")), args[7]
+with open(path, "rb") as f:
+    f.seek(1024)
+    samples, _ = sf.read(io.BytesIO(f.read()), format="RAW", subtype="ULAW", samplerate=8000, channels=2)
+out = io.BytesIO()
+sf.write(out, samples[round(start * 8000):round(end * 8000), channel], 8000, format="WAV", subtype="PCM_16")
+sys.stdout.buffer.write(out.getvalue())
+"""
+
+
+def test_shorten_files_are_read_through_sph2pipe(tmp_path, tiny_model_dir, codec, monkeypatch):
+    import sys
+
+    import soundfile as sf
+
+    from csm.audio import resample
+
+    samples = tones(2.0)
+    write_sphere(tmp_path / "swb" / "sw02005.sph", samples, coding="ulaw,embedded-shorten-v2.00")
+    (tmp_path / "swb" / "sw2005B-ms98-a-trans.text").write_text("sw2005B-ms98-a-0001 0.25 1.25 compressed me\n")
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "sph2pipe").write_text(FAKE_SPH2PIPE.format(python=sys.executable))
+    (tools / "sph2pipe").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tools))
+    monkeypatch.setattr(data_module, "load_codec", lambda *args, **kwargs: codec)
+    dataset = prepare_dataset(tmp_path / "swb", tmp_path / "out", data_format="switchboard",
+                              model_path=tiny_model_dir, validation_split=0.0)
+    assert dataset.manifest["rejected"] == [
+        {"file": "sw2005A", "reason": "no transcript for channel A: expected sw2005A-ms98-a-trans.text; the "
+                                      "conversation is kept without it"}]
+    (example,) = dataset.examples(None)
+    (turn,) = example.turns
+    assert turn.speaker == 1 and turn.text == "compressed me"
+    # channel B, 0.25-1.25 s, as the 16-bit PCM sph2pipe gives, at 24 kHz
+    decoded, _ = sf.read(str(write_sphere(tmp_path / "plain.sph", samples)))
+    pcm = io.BytesIO()
+    sf.write(pcm, decoded[2000:10000, 1], RATE, format="WAV", subtype="PCM_16")
+    expected = codec.encode(resample(sf.read(io.BytesIO(pcm.getvalue()), dtype="float32")[0], RATE, 24_000))
+    np.testing.assert_array_equal(turn.codes, expected)
