@@ -204,7 +204,7 @@ def test_splits_keep_conversations_whole(prepared):
 # --- errors and the command ---
 
 
-def test_missing_pieces_are_errors(tmp_path, tiny_model_dir, corpus):
+def test_missing_pieces_are_errors(tmp_path, tiny_model_dir, corpus, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CsmError, match="no Switchboard recordings"):
         prepare_dataset(tmp_path / "empty", tmp_path / "out", data_format="switchboard", model_path=tiny_model_dir)
@@ -212,6 +212,13 @@ def test_missing_pieces_are_errors(tmp_path, tiny_model_dir, corpus):
         prepare_dataset(corpus.audio, tmp_path / "out", data_format="switchboard", model_path=tiny_model_dir)
     with pytest.raises(CsmError, match="unknown data format"):
         prepare_dataset(corpus.audio, tmp_path / "out", data_format="fisher", model_path=tiny_model_dir)
+    # nothing usable: the error names the folder and the first reasons
+    write_sphere(tmp_path / "compressed" / "sw02005.sph", tones(1.0), coding="ulaw,embedded-shorten-v2.00")
+    (tmp_path / "compressed" / "sw2005A-ms98-a-trans.text").write_text("sw2005A-ms98-a-0001 0.2 0.8 hello\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(CsmError, match=r"no usable clips in .*compressed: .*sw02005\.sph: shorten.*sph2pipe"):
+        prepare_dataset(tmp_path / "compressed", tmp_path / "out", data_format="switchboard",
+                        model_path=tiny_model_dir)
 
 
 def test_cli_format_switchboard(tmp_path, tiny_model_dir, corpus, monkeypatch):

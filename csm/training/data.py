@@ -368,7 +368,8 @@ def _prepare_turn(clip: ClipSource, speaker: int, model: _ModelParts, store: Cod
 
 def _describe(source: Source) -> str:
     described = source.description
-    return described.get("path") or described.get("audio_dir") or described.get("name") or "the data"
+    return (described.get("path") or described.get("audio_dir") or described.get("input_dir") or described.get("name")
+            or "the data")
 
 
 def _first_reasons(rejected: list[dict[str, str]], count: int = 3) -> str:
