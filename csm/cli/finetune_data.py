@@ -3,6 +3,7 @@
     csm-finetune prepare --data my_voice/ --output-dir my_voice_prepared
     csm-finetune prepare --audio-dir wavs --transcript-dir texts --output-dir prepared
     csm-finetune prepare --data talks.jsonl --output-dir prepared --validation-split 0.05
+    csm-finetune prepare --format switchboard --input-dir /data/LDC97S62 --output-dir switchboard
 
 `prepare_command` is registered in the csm-finetune group; `main` runs it alone. Errors are one
 line on stderr (`csm.cli.common.entry_point`).
@@ -16,6 +17,7 @@ import click
 
 from csm.cli.common import entry_point
 from csm.training.config import FIELDS
+from csm.training.sources import DATA_FORMATS
 
 
 def _help(name: str) -> str:
@@ -24,9 +26,12 @@ def _help(name: str) -> str:
 
 
 @click.command("prepare")
-@click.option("--data", default=None, metavar="PATH",
+@click.option("--data", "--input-dir", "data", default=None, metavar="PATH",
               help="a folder of audio + .txt files, an LJSpeech metadata.csv, a .jsonl manifest, or a Hugging Face "
-                   "dataset (a save_to_disk folder or a Hub name)")
+                   "dataset (a save_to_disk folder or a Hub name); with --format, the corpus folder")
+@click.option("--format", "data_format", type=click.Choice(DATA_FORMATS), default="auto", show_default=True,
+              help="auto: tell the formats above apart; switchboard: Switchboard-1 (LDC97S62) .sph files with the "
+                   "MS-State transcripts (beside them, or in --transcript-dir)")
 @click.option("--audio-dir", default=None, metavar="DIR", help=_help("audio_dir"))
 @click.option("--transcript-dir", default=None, metavar="DIR", help=_help("transcript_dir") + " (default: --audio-dir)")
 @click.option("--output-dir", required=True, metavar="DIR",
@@ -46,9 +51,9 @@ def _help(name: str) -> str:
 @click.option("--backend", default="auto", show_default=True, help="the backend whose Mimi encodes: auto, torch or mlx")
 @click.option("--device", default=None, help="cuda, cpu or mps for torch's Mimi (default: the best there is)")
 @click.option("--force", is_flag=True, help="write into a non-empty folder that is not a prepared dataset")
-def prepare_command(data, audio_dir, transcript_dir, output_dir, model_path, speaker_id, text_column, audio_column,
-                    speaker_column, validation_split, test_split, seed, normalize_loudness, max_clip_seconds,
-                    backend, device, force):
+def prepare_command(data, data_format, audio_dir, transcript_dir, output_dir, model_path, speaker_id, text_column,
+                    audio_column, speaker_column, validation_split, test_split, seed, normalize_loudness,
+                    max_clip_seconds, backend, device, force):
     """Read, check and encode fine-tuning data once (Mimi codes, cached) into --output-dir."""
     from csm.training.data import prepare_dataset
 
@@ -58,7 +63,7 @@ def prepare_command(data, audio_dir, transcript_dir, output_dir, model_path, spe
             speaker_id=speaker_id, text_column=text_column, audio_column=audio_column, speaker_column=speaker_column,
             validation_split=validation_split, test_split=test_split, seed=seed,
             normalize_loudness=normalize_loudness, max_clip_seconds=max_clip_seconds, backend=backend, device=device,
-            force=force, progress=bar.update)
+            force=force, data_format=data_format, progress=bar.update)
     click.echo(dataset.summary())
 
 

@@ -75,12 +75,14 @@ def prepare_dataset(data: str | Path | None = None, output_dir: str | Path | Non
                     audio_column: str = "audio", speaker_column: str | None = None, hf_split: str = "train",
                     validation_split: float = 0.1, test_split: float = 0.0, seed: int = 0,
                     normalize_loudness: bool = False, max_clip_seconds: float = 30.0, backend: str = "auto",
-                    device: str | None = None, force: bool = False,
+                    device: str | None = None, force: bool = False, data_format: str = "auto",
                     progress: Progress | None = None) -> PreparedDataset:
     """Prepare `data` (or `audio_dir` + `transcript_dir`) into `output_dir` and open it.
 
     `data` that is already a prepared folder is opened as it is. `output_dir` must be new, empty,
     or a prepared folder (whose cached codes are reused); any other folder needs `force`.
+    `data_format` names an input the formats cannot tell apart by looking ("switchboard": the
+    LDC97S62 corpus; see `csm.training.sources.open_source`).
     `progress(done, total, what)` is called as clips are done; nothing is printed."""
     if data is not None and is_prepared(Path(data)):
         return PreparedDataset.open(data)
@@ -88,7 +90,7 @@ def prepare_dataset(data: str | Path | None = None, output_dir: str | Path | Non
     output_dir = Path(output_dir).expanduser()
     check_output_dir(output_dir, force)
     source = open_source(data, audio_dir, transcript_dir, text_column=text_column, audio_column=audio_column,
-                         speaker_column=speaker_column, hf_split=hf_split)
+                         speaker_column=speaker_column, hf_split=hf_split, data_format=data_format)
     model = _ModelParts(model_path, backend, device)
     store = CodeStore(output_dir / CODES)  # creates the folders when it writes the first codes
     settings = dict(normalize_loudness=normalize_loudness, max_clip_seconds=max_clip_seconds)
@@ -366,7 +368,8 @@ def _prepare_turn(clip: ClipSource, speaker: int, model: _ModelParts, store: Cod
 
 def _describe(source: Source) -> str:
     described = source.description
-    return described.get("path") or described.get("audio_dir") or described.get("name") or "the data"
+    return (described.get("path") or described.get("audio_dir") or described.get("input_dir") or described.get("name")
+            or "the data")
 
 
 def _first_reasons(rejected: list[dict[str, str]], count: int = 3) -> str:

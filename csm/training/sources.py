@@ -10,7 +10,9 @@ Formats (`open_source` detects which from what it is given):
 - an LJSpeech-style `metadata.csv` (`id|text` or `id|text|normalized_text`, audio in `wavs/<id>.wav`);
 - a JSONL manifest: one object per line with `audio`, `text`, `speaker` or `speaker_id`, and
   optionally `conversation`, `start`/`end` (seconds), `train` (false: context only) and `id`;
-- a Hugging Face `datasets` dataset (a `save_to_disk` folder or a Hub name).
+- a Hugging Face `datasets` dataset (a `save_to_disk` folder or a Hub name);
+- named formats, never guessed (`data_format`): "switchboard", the Switchboard-1 corpus with its
+  MS-State transcripts (`csm.training.switchboard`).
 
 What cannot become a clip (a line that is not JSON, a recording without a transcript) is rejected
 here with a reason; a whole input without recordings or without transcripts is a CsmError.
@@ -37,6 +39,8 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 LJSPEECH_FILE = "metadata.csv"
 # Files `Dataset.save_to_disk` / `DatasetDict.save_to_disk` write: a folder holding one is a dataset.
 HF_DISK_MARKERS = ("dataset_dict.json", "state.json")
+# Input formats named by `data_format`; "auto" tells the formats above apart by what they hold.
+DATA_FORMATS = ("auto", "switchboard")
 
 # Reads a clip's samples: (samples [N] or [N, channels], sample rate). `max_seconds` lets a file
 # reader refuse a recording from its header, before decoding an hour of audio to find it too long.
@@ -83,8 +87,11 @@ def too_long_reason(seconds: float, max_seconds: float, cut: bool) -> str:
 # --- reading audio ---
 
 
-def file_loader(path: Path, start: float | None = None, end: float | None = None) -> AudioLoader:
-    """A loader reading `path` (only the frames between `start` and `end` seconds, when given)."""
+def file_loader(path: Path, start: float | None = None, end: float | None = None,
+                channel: int | None = None) -> AudioLoader:
+    """A loader reading `path` (only the frames between `start` and `end` seconds, when given;
+    only `channel`, counted from 0, when given: a two-channel telephone call holds one speaker a
+    channel, which a mixdown would put on top of each other)."""
 
     def load(max_seconds: float) -> tuple[np.ndarray, int]:
         import soundfile as sf
@@ -96,6 +103,8 @@ def file_loader(path: Path, start: float | None = None, end: float | None = None
                 rate, total = f.samplerate, f.frames
                 if total == 0:
                     raise ClipRejected("the audio file holds no samples")
+                if channel is not None and channel >= f.channels:
+                    raise ClipRejected(f"the recording has {f.channels} channel(s), so no channel {channel + 1}")
                 first = 0 if start is None else round(start * rate)
                 last = total if end is None else round(end * rate)
                 if first >= total or last > total + 1:  # +1: `end` rounded up to the next sample
@@ -108,6 +117,8 @@ def file_loader(path: Path, start: float | None = None, end: float | None = None
                 if first:
                     f.seek(first)
                 data = f.read(last - first, dtype="float32", always_2d=True)
+                if channel is not None:
+                    data = data[:, channel:channel + 1]
         except ClipRejected:
             raise
         except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
@@ -164,9 +175,23 @@ def _first_line(exc: Exception) -> str:
 
 def open_source(data: str | Path | None, audio_dir: str | Path | None = None, transcript_dir: str | Path | None = None,
                 *, text_column: str = "text", audio_column: str = "audio", speaker_column: str | None = None,
-                hf_split: str = "train") -> Source:
+                hf_split: str = "train", data_format: str = "auto") -> Source:
     """The clips of whatever was given: `data` (a folder, metadata.csv, a .jsonl manifest or a
-    dataset) or `audio_dir` with `transcript_dir` (default: transcripts beside the audio)."""
+    dataset) or `audio_dir` with `transcript_dir` (default: transcripts beside the audio).
+    `data_format` "switchboard": `data` (or `audio_dir`) is the LDC97S62 folder, `transcript_dir`
+    the MS-State transcripts' (default: the same folder)."""
+    if data_format not in DATA_FORMATS:
+        raise CsmError(f"unknown data format {data_format!r}; choose from {', '.join(DATA_FORMATS)}")
+    if data_format == "switchboard":
+        from csm.training.switchboard import read_switchboard
+
+        if data is not None and audio_dir is not None:
+            raise CsmError("give the Switchboard folder once: as data (--input-dir) or as audio_dir, not both")
+        folder = data if data is not None else audio_dir
+        if folder is None:
+            raise CsmError("the switchboard format needs the corpus folder: pass data (--input-dir) with the "
+                           "LDC97S62 recordings")
+        return read_switchboard(folder, transcript_dir)
     if data is not None and (audio_dir is not None or transcript_dir is not None):
         raise CsmError("give either data or audio_dir (with transcript_dir), not both")
     if data is None:
