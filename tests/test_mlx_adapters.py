@@ -259,3 +259,35 @@ def test_mlx_adapter_on_a_mismatched_base_gives_one_error_line(mlx_folder, wide_
     errors = out.err.strip().splitlines()
     assert code == 2 and len(errors) == 1 and "does not fit the base model" in errors[0], out.err
     assert not (tmp_path / "merged").exists()
+
+
+def test_folders_as_mlx_lm_writes_them(trained, mlx_folder, tiny_model_dir, tmp_path):
+    """No csm_adapter.json (the base is the config's "model"), trained heads saved in
+    adapters.safetensors itself, and a full fine-tune."""
+    folder = tmp_path / "mlx-lm"
+    shutil.copytree(mlx_folder, folder)
+    (folder / CSM_FILE).unlink()
+    tensors = tensors_of(folder, MLX_WEIGHTS_FILE) | tensors_of(folder, MLX_FULL_FILE)
+    (folder / MLX_FULL_FILE).unlink()
+    save_file(tensors, str(folder / MLX_WEIGHTS_FILE))
+    adapter, ours = read_adapter(folder), read_adapter(mlx_folder)
+    assert adapter.base_model == str(tiny_model_dir.resolve()) and adapter.full.keys() == ours.full.keys()
+    assert all(torch.equal(adapter.lora[m][i], ours.lora[m][i]) for m in ours.lora for i in (0, 1))
+    full = tmp_path / "full"
+    full.mkdir()
+    save_file({"codebook0_head.weight": ours.full["codebook0_head.weight"]}, str(full / MLX_WEIGHTS_FILE))
+    (full / CONFIG_FILE).write_text(json.dumps({"fine_tune_type": "full", "num_layers": -1, "model": "x/y"}))
+    adapter = read_adapter(full)
+    assert not adapter.lora and adapter.full.keys() == {"codebook0_head.weight"} and adapter.base_model == "x/y"
+
+
+def test_write_mlx_adapter_refuses_bad_input(trained, tmp_path):
+    a, b = trained["lora"][Q]
+    with pytest.raises(CsmError, match="not a CSM parameter"):
+        write_mlx_adapter(tmp_path / "x", {"backbone.layers.0.attn.q": (a, b)}, scale=2.0, rank=4, base_model="a/b")
+    with pytest.raises(CsmError, match="expected A"):
+        write_mlx_adapter(tmp_path / "x", {Q: (a, b)}, scale=2.0, rank=8, base_model="a/b")
+    with pytest.raises(CsmError, match="scale must be a number"):
+        write_mlx_adapter(tmp_path / "x", {Q: (a, b)}, scale=float("nan"), rank=4, base_model="a/b")
+    with pytest.raises(CsmError, match="holds a peft-layout adapter"):
+        write_mlx_adapter(trained["folder"], {Q: (a, b)}, scale=2.0, rank=4, base_model="a/b")
