@@ -87,6 +87,12 @@ class Model(nn.Module):
         # not a parameter: a leading underscore keeps it out of the weights
         self._codebook_offsets = mx.arange(config.audio_num_codebooks) * config.audio_vocab_size
 
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        """The blocks of both stacks. mlx-lm's tuner (`linear_to_lora_layers`, `load_adapters`) walks
+        `model.layers`; a property, not an attribute, so the blocks get no second parameter name."""
+        return [*self.backbone.layers, *self.decoder.layers]
+
     # --- embeddings ---------------------------------------------------------------------------
     def embed_frames(self, tokens: mx.array, mask: mx.array) -> mx.array:
         """tokens, mask [B, T, 33] -> [B, T, D]: masked sum of 32 audio columns and the text column."""

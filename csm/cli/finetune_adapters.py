@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from csm.convert import DTYPES
-from csm.training.adapters import NAMES, export_adapter, merge_adapter
+from csm.training.adapters import CONVERSIONS, NAMES, convert_adapter, merge_adapter
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -33,12 +33,35 @@ def merge_command(adapter: str, output_dir: str, model_path: str | None, dtype: 
 
 
 @click.command("export-adapter", context_settings=_CONTEXT)
-@click.option("--adapter", required=True, type=click.Path(), help="The adapter folder to export.")
-@click.option("--output-dir", required=True, type=click.Path(), help="New folder for the exported adapter.")
-@click.option("--names", type=click.Choice(NAMES), default="transformers", show_default=True,
-              help="transformers: for peft on transformers' CsmForConditionalGeneration; csm: for csm.")
+@click.argument("src", required=False, type=click.Path())
+@click.argument("dst", required=False, type=click.Path())
+@click.option("--adapter", type=click.Path(), help="The adapter folder to export (or give it as SRC).")
+@click.option("--output-dir", type=click.Path(), help="New folder for the exported adapter (or give it as DST).")
+@click.option("--to", "to", type=click.Choice(CONVERSIONS),
+              help="peft: peft's layout in csm's names; mlx: mlx-lm's layout (adapters.safetensors); "
+                   "transformers: peft's layout for transformers' CsmForConditionalGeneration [default: transformers].")
+@click.option("--names", type=click.Choice(NAMES),
+              help="Older spelling of --to: csm is --to peft, transformers is --to transformers.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-def export_adapter_command(adapter: str, output_dir: str, names: str, force: bool) -> None:
-    """Rewrite an adapter's keys in another model's names (tensors copied bit for bit)."""
-    out = export_adapter(adapter, output_dir, names=names, force=force)
-    click.echo(f"wrote the adapter in {names} names to {out}")
+def export_adapter_command(src: str | None, dst: str | None, adapter: str | None, output_dir: str | None,
+                           to: str | None, names: str | None, force: bool) -> None:
+    """Convert an adapter from SRC into the new folder DST: another layout (peft's or mlx-lm's) or
+    another model's names. Tensors are copied bit for bit (A and B transposed between layouts)."""
+    source, target = _one_of(src, adapter, "SRC", "--adapter"), _one_of(dst, output_dir, "DST", "--output-dir")
+    if to is not None and names is not None:
+        raise click.UsageError("give --to or --names, not both")
+    layout = to or {"csm": "peft", None: "transformers"}.get(names, names)
+    out = convert_adapter(source, target, to=layout, force=force)
+    click.echo(f"wrote the adapter in {_DESCRIBED[layout]} to {out}")
+
+
+_DESCRIBED = {"peft": "peft's layout (csm names)", "mlx": "mlx-lm's layout",
+              "transformers": "peft's layout (transformers names)"}
+
+
+def _one_of(positional: str | None, option: str | None, name: str, flag: str) -> str:
+    if positional is not None and option is not None:
+        raise click.UsageError(f"give {name} or {flag}, not both")
+    if positional is None and option is None:
+        raise click.UsageError(f"missing {name} (or {flag})")
+    return positional if positional is not None else option

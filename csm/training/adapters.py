@@ -1,6 +1,7 @@
 """LoRA adapters: the folder format, merging into a base model, and converting between namings.
 
-An adapter folder holds three files:
+An adapter folder holds three files in peft's layout (mlx-lm's layout, which `read_adapter` reads too
+and `convert_adapter` writes, is described in `csm.training.mlx_adapters`):
 
 - ``adapter_model.safetensors``: peft's layout. A LoRA on the linear layer at module path M is
   ``base_model.model.M.lora_A.weight`` [r, in] and ``...lora_B.weight`` [out, r], and adds
@@ -96,16 +97,31 @@ def is_adapter_folder(path: str | Path) -> bool:
 
 
 def read_adapter(path: str | Path) -> Adapter:
-    """The adapter in folder `path` (or the folder of `path`'s adapter file), in csm's names."""
+    """The adapter in folder `path` (or the folder of `path`'s adapter file), in csm's names:
+    peft's layout, or mlx-lm's (`csm.training.mlx_adapters`), told apart by their weight files."""
+    from csm.training.mlx_adapters import (
+        MLX_FULL_FILE,
+        MLX_WEIGHTS_FILE,
+        apply_exact_scale,
+        is_mlx_layout,
+        read_mlx_adapter,
+    )
+
     folder = Path(path).expanduser()
-    if folder.is_file() and folder.name in (WEIGHTS_FILE, WEIGHTS_FILE_BIN, CONFIG_FILE, CSM_FILE):
+    if folder.is_file() and folder.name in (WEIGHTS_FILE, WEIGHTS_FILE_BIN, CONFIG_FILE, CSM_FILE, MLX_WEIGHTS_FILE,
+                                            MLX_FULL_FILE):
         folder = folder.parent
     if not folder.is_dir():
         raise CsmError(f"adapter folder not found: {folder}")
     weights = next((folder / n for n in (WEIGHTS_FILE, WEIGHTS_FILE_BIN) if (folder / n).is_file()), None)
+    if is_mlx_layout(folder):
+        if weights is not None:
+            raise CsmError(f"{folder} holds both peft's {weights.name} and mlx-lm's {MLX_WEIGHTS_FILE}; keep one "
+                           "layout per folder (csm-finetune export-adapter converts between them)")
+        return read_mlx_adapter(folder)
     if weights is None or not (folder / CONFIG_FILE).is_file():
-        raise CsmError(f"no adapter in {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
-                       "(a folder written by csm-finetune or by peft's save_pretrained)")
+        raise CsmError(f"no adapter in {folder}: expected {CONFIG_FILE} with {WEIGHTS_FILE} (peft's layout, written "
+                       f"by csm-finetune or peft's save_pretrained) or with {MLX_WEIGHTS_FILE} (mlx-lm's layout)")
     config = read_json(folder / CONFIG_FILE, "adapter config")
     info = read_json(folder / CSM_FILE, "adapter description") if (folder / CSM_FILE).is_file() else {}
     _check_config(config, folder)
@@ -115,6 +131,7 @@ def read_adapter(path: str | Path) -> Adapter:
     adapter = Adapter(path=folder, lora={}, full={}, scale={}, alpha={}, config=config, names=names, info=info,
                       base_model=info.get("base_model") or config.get("base_model_name_or_path"))
     _collect(adapter, tensors)
+    apply_exact_scale(adapter)
     if not adapter.lora and not adapter.full:
         raise CsmError(f"the adapter in {folder} holds no LoRA or trained tensors for CSM")
     return adapter
@@ -598,6 +615,19 @@ def export_adapter(src: str | Path, dst: str | Path, names: str = "transformers"
     bit; the config lists the renamed modules exactly. `dst` appears whole or not at all."""
     if names not in NAMES:
         raise CsmError(f"unknown names {names!r}; use one of {', '.join(NAMES)}")
+    return convert_adapter(src, dst, to="peft" if names == "csm" else names, force=force)
+
+
+CONVERSIONS = ("peft", "mlx", "transformers")
+
+
+def convert_adapter(src: str | Path, dst: str | Path, to: str, force: bool = False) -> Path:
+    """Write the adapter in `src` (either layout) into the new folder `dst`: "peft" (peft's layout,
+    csm's names), "mlx" (mlx-lm's layout, `csm.training.mlx_adapters`) or "transformers" (peft's
+    layout, transformers' names). Tensors are copied bit for bit (transposed between the layouts)
+    and every module's scale kept exactly. `dst` appears whole or not at all."""
+    if to not in CONVERSIONS:
+        raise CsmError(f"unknown adapter layout {to!r}; use one of {', '.join(CONVERSIONS)}")
     adapter = read_adapter(src)
     dst = Path(dst)
     if dst.exists() and dst.resolve() == adapter.path.resolve():
@@ -610,11 +640,22 @@ def export_adapter(src: str | Path, dst: str | Path, names: str = "transformers"
         adapter.base_model = str((adapter.path / base).resolve())
     adapter.info = {**adapter.info, "base_model": adapter.base_model}
     adapter.config = {**adapter.config, "base_model_name_or_path": adapter.base_model}
-    tensors, config, info = _renamed(adapter, names)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        _write_files(tmp, {PEFT_PREFIX + k: v for k, v in tensors.items()}, config, info)
+        if to == "mlx":
+            from csm.training.mlx_adapters import write_adapter_as_mlx
+
+            write_adapter_as_mlx(adapter, tmp)
+        else:
+            from csm.training.mlx_adapters import exact_scale_note
+
+            adapter.info.pop("layout", None)  # peft's layout is the one a csm_adapter.json need not name
+            adapter.info.pop("lora_scale", None)
+            if (exact := exact_scale_note(adapter)) is not None:
+                adapter.info["lora_scale"] = exact
+            tensors, config, info = _renamed(adapter, "csm" if to == "peft" else to)
+            _write_files(tmp, {PEFT_PREFIX + k: v for k, v in tensors.items()}, config, info)
         _replace_folder(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
