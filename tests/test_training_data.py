@@ -300,6 +300,11 @@ def test_splits_are_deterministic_and_stable():
     two = _units(["a", "b"])
     assign_splits(two, seed=0, validation=0.01, test=0.0)
     assert sorted(u.split for u in two) == ["train", "validation"]
+    # two examples that both draw validation: training keeps one (the seeds where that happens)
+    for seed in range(20):
+        both = _units(["a", "b"])
+        assign_splits(both, seed=seed, validation=0.9, test=0.0)
+        assert sorted(u.split for u in both) == ["train", "validation"]
     one = _units(["a"])
     assign_splits(one, seed=0, validation=0.5, test=0.0)
     assert one[0].split in ("train", "validation")

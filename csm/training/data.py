@@ -424,12 +424,15 @@ def split_fraction(seed: int, unit_id: str) -> float:
 
 def assign_splits(units: list[StoredExample], seed: int, validation: float, test: float) -> None:
     """Each stored example (a conversation as a whole) to train, validation or test by its
-    `split_fraction`. A requested held-out split that drew nothing gets the train example nearest
-    to it, as long as training keeps one."""
+    `split_fraction`. Training always keeps one when there are two or more (the held-out example
+    nearest to train goes back), and a requested held-out split that drew nothing gets the train
+    example nearest to it, as long as training keeps one."""
     fractions = {u.id: split_fraction(seed, u.id) for u in units}
     for unit in units:
         fraction = fractions[unit.id]
         unit.split = "validation" if fraction < validation else "test" if fraction < validation + test else "train"
+    if len(units) >= 2 and not any(u.split == "train" for u in units):
+        max(units, key=lambda u: fractions[u.id]).split = "train"
     for split, share in (("validation", validation), ("test", test)):
         train = [u for u in units if u.split == "train"]
         if share > 0 and len(train) >= 2 and not any(u.split == split for u in units):
