@@ -118,7 +118,7 @@ def test_report_is_reproducible_and_writes_json_table_and_figure(gen, talk, repo
     assert (tmp_path / "conv.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_conversations_from_a_prepared_dataset(tiny_model_dir, tmp_path):
+def test_conversations_from_a_prepared_dataset_and_the_cli(tiny_model_dir, tmp_path, capsys):
     from csm.training.data import prepare_dataset
 
     rate = 24_000
@@ -138,3 +138,21 @@ def test_conversations_from_a_prepared_dataset(tiny_model_dir, tmp_path):
         assert segment.audio is None and np.array_equal(segment.codes, dataset.codes(key))
     with pytest.raises(CsmError, match="no conversation"):
         conversations_from_dataset(dataset, split="validation")
+
+    # the same from the command line: a table, JSON and a figure; bad inputs are one error line
+    from csm.cli.evaluate import main
+
+    out = tmp_path / "conv.json"
+    main(["--conversations", str(tmp_path / "prepared"), "--model", str(tiny_model_dir), "--split", "train",
+          "--backend", "torch", "--device", "cpu", "--json", str(out), "--figure", str(tmp_path / "conv.png")])
+    assert "eos_rate" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["summary"]["turns"] == 2 and [t["turn"] for t in data["turns"]] == [1, 2]
+    for args in (["--conversations", str(tmp_path / "prepared")],  # no --model
+                 ["--conversations", str(tmp_path / "prepared"), "--model", str(tiny_model_dir)],  # no validation
+                 ["--conversations", str(tmp_path), "--model", str(tiny_model_dir)],  # not a prepared dataset
+                 [str(out), "--conversations", str(tmp_path / "prepared")]):  # FILE and --conversations
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.count("error:") == 1
