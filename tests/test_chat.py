@@ -79,6 +79,30 @@ def test_speak_uses_the_conversation_as_context(gen):
         conv.add(-1, "Hello.")
 
 
+def test_a_voice_keeps_its_clips_and_the_conversation_fills_the_rest(gen, tmp_path, monkeypatch):
+    from csm.voices import VoiceStore
+
+    monkeypatch.setenv("CSM_HOME", str(tmp_path / "csm-home"))
+    clip = tmp_path / "ada.wav"
+    sf.write(clip, np.sin(np.arange(9600) / 25).astype(np.float32) * 0.3, MODEL_SAMPLE_RATE)
+    VoiceStore().create("Ada", 3, references=[(clip, "Hi there.")], topk=1)
+    conv = csm.Conversation(voices=["Ada"])
+    for i in range(8):  # more than the tiny model's positions hold
+        conv.add(i % 2, f"Turn number {i}.", codes=codes(20, i))
+    calls = []
+    generate_codes = gen.generate_codes
+    monkeypatch.setattr(gen, "generate_codes", lambda *args: calls.append(args) or generate_codes(*args))
+    turn = conv.speak(gen, "My turn.", max_audio_length_ms=400, watermark=False)  # the only voice's speaker
+    text, speaker, context = calls[0][:3]
+    assert (turn.speaker, speaker, text) == (3, 3, "My turn.")
+    assert context[0].text == "Hi there." and context[0].speaker == 3  # the clip first
+    kept = context[1:]
+    assert 0 < len(kept) < 8 and [s.text for s in kept] == [t.text for t in conv.turns[8 - len(kept):8]]
+    assert len(gen.prompt(text, speaker, context)) + 5 < gen.config.backbone.max_seq_len
+    with pytest.raises(csm.CsmError, match="both speak as speaker 3"):
+        csm.Conversation(voices=["Ada", 3])
+
+
 # --- csm chat: files --------------------------------------------------------------------------
 
 @pytest.fixture
@@ -243,6 +267,36 @@ def test_record_takes_your_turns_from_the_microphone(tmp_path, model_args, loade
     turns = json.loads((out / "transcript.json").read_text())[0]["turns"]
     assert [(t["speaker"], t["text"]) for t in turns] == [(0, "Hello there."), (1, "Hi!")]
     assert sf.info(str(out / "turn-01.wav")).frames == 12_000  # what the microphone heard, at 24 kHz
+
+
+class FakeSpeakers:
+    """sounddevice with an output device that plays instantly."""
+
+    played = []
+
+    @staticmethod
+    def query_devices(kind=None):
+        return {"default_samplerate": 48000.0}
+
+    @classmethod
+    def play(cls, audio, rate):
+        cls.played.append((len(audio), rate))
+
+    @staticmethod
+    def wait():
+        pass
+
+
+def test_interactive_plays_and_saves_on_request(tmp_path, model_args, loaded, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sounddevice", FakeSpeakers)
+    FakeSpeakers.played.clear()
+    out = tmp_path / "out"
+    code, err = session(["--no-watermark", "-d", out, *model_args], "Hello.\n/save\n1: Hi.\n", capsys,
+                        monkeypatch)
+    assert code == 0, err
+    assert [rate for _, rate in FakeSpeakers.played] == [MODEL_SAMPLE_RATE] * 2 and "playing each turn" in err
+    # played turns are written only by /save: the one before it
+    assert sorted(p.name for p in out.iterdir()) == ["transcript.json", "transcript.txt", "turn-01.wav"]
 
 
 def test_record_without_sounddevice_names_the_extra(tmp_path, model_args):

@@ -195,8 +195,22 @@ class Session:
         return self.speak.conversation
 
     def run(self) -> None:
-        where = "playing each turn" if self.playing else f"writing each turn into {self.out}/"
+        if self.playing:
+            where = "playing each turn"
+        else:
+            why = "" if self.opts["no_play"] else " (no audio output: install csm-speech[audio] and PortAudio to play)"
+            where = f"writing each turn into {self.out}/{why}"
         click.echo(f"chat: {where}; {HELP}", err=True)
+        try:
+            self._loop()
+        except KeyboardInterrupt:
+            if not self.playing and self.conversation.turns:
+                self._save()  # the turns written so far get their transcript
+            raise
+        if not self.playing and self.conversation.turns:
+            self._save()
+
+    def _loop(self) -> None:
         while (line := self._read_line(f"[{self.speaker}] ")) is not None:
             line = line.strip()
             if not line:
@@ -214,8 +228,6 @@ class Session:
                 self._turn(line)
             except CsmError as exc:  # one bad turn (too long, ...) does not end the conversation
                 click.echo(f"error: {exc}", err=True)
-        if not self.playing and self.conversation.turns:
-            self._save()
 
     def _read_line(self, prompt: str) -> str | None:
         if self.interactive:
