@@ -345,7 +345,7 @@ def _make_command() -> click.Command:
 
     for option in reversed(_options()):
         command = option(command)
-    return click.command(name="chat", context_settings={"help_option_names": ["-h", "--help"]})(command)
+    return click.command(name="csm-chat", context_settings={"help_option_names": ["-h", "--help"]})(command)
 
 
 command = _make_command()
