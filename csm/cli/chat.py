@@ -126,7 +126,8 @@ def _load(opts: dict, voices: list):
     own = next((v for v in voices if v.model or v.adapter), None)
     conversation = csm.Conversation(voices=voices)  # one voice per speaker, checked before the load
     gen = csm.load(opts["model"], backend=opts["backend"], device=opts["device"], dtype=opts["dtype"],
-                   adapter=opts["adapter"], watermark_model=opts["watermark_model"], voice=own)
+                   adapter=opts["adapter"], mimi=opts["mimi"], tokenizer=opts["tokenizer"],
+                   watermark_model=opts["watermark_model"], voice=own)
     model = opts["model"] or (own.model if own else None) or DEFAULT_MODEL
     click.echo(f"loaded {model} on {gen.backend}/{gen.device}", err=True)
     return gen, conversation
@@ -321,6 +322,9 @@ def _options():
                      help="A voice profile (csm-voice) for its speaker id; repeat for several speakers."),
         click.option("--model", "-m", help=f"Local folder/file or Hub repo id [default: {DEFAULT_MODEL}]."),
         click.option("--adapter", type=click.Path(), help="LoRA adapter folder to merge into the model at load."),
+        click.option("--mimi",
+                     help="Mimi weights (tokenizer-e351c8d8-checkpoint125.safetensors) if not in the model folder."),
+        click.option("--tokenizer", help="tokenizer.json, a folder or Hub id if not in the model folder."),
         click.option("--backend", "-b", default="auto", show_default=True, help="auto, torch or mlx."),
         click.option("--device", help="cuda, cpu or mps; gpu or cpu with MLX (default: best available)."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
