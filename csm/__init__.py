@@ -8,11 +8,12 @@
 """
 
 from csm.api import Generator, load, load_csm_1b
+from csm.conversation import Conversation, Turn
 from csm.engine import Engine, EngineFull, Request
 from csm.errors import CheckpointError, CsmError
 from csm.prompt import Segment
 from csm.sampling import Sampling
 
 __all__ = ["load", "load_csm_1b", "Generator", "Engine", "EngineFull", "Request", "Sampling", "Segment",
-           "CsmError", "CheckpointError"]
+           "Conversation", "Turn", "CsmError", "CheckpointError"]
 __version__ = "0.1.0"

@@ -23,7 +23,7 @@ from csm.engine import Engine
 from csm.errors import CsmError
 from csm.hub import DEFAULT_MODEL
 from csm.mimi_files import CODEBOOK_SIZE
-from csm.prompt import Frames, Segment, build_prompt
+from csm.prompt import Frames, Segment, build_prompt, newest_that_fit, segment_positions
 from csm.sampling import DEFAULT_MAX_AUDIO_LENGTH_MS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOPK, Sampling
 from csm.streaming import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES
 from csm.text import load_tokenizer
@@ -169,15 +169,19 @@ class Generator:
         codes = reference_codes(voice, self._backend.encode_audio, self._backend.codec_identity)
         clips = [Segment(voice.speaker_id, ref.transcript, codes=c) for ref, c in zip(voice.references, codes,
                                                                                      strict=True)]
-        used = len(self.prompt(text, speaker, context))
-        limit = self.config.backbone.max_seq_len - max_frames  # check_fits: prompt + max_frames < max_seq_len
-        chosen = []
-        for clip in reversed(clips):
-            size = len(self.tokenizer.encode_turn(clip.text, clip.speaker)) + len(clip.codes) + 1  # + end of audio
-            if used + size < limit:
-                chosen.append(clip)
-                used += size
-        return chosen[::-1]
+        # check_fits: prompt + max_frames < max_seq_len, with the prompt holding the context already
+        room = self.config.backbone.max_seq_len - max_frames - len(self.prompt(text, speaker, context))
+        kept = newest_that_fit([segment_positions(self.tokenizer, clip) for clip in clips], room, contiguous=False)
+        return [clips[i] for i in kept]
+
+    def context_room(self, text: str, speaker: int, max_frames: int) -> int:
+        """The prompt positions left for context before `text` by `speaker` when up to `max_frames`
+        frames are to be generated: the context's total must stay below it (`check_fits`)."""
+        return self.config.backbone.max_seq_len - max_frames - len(self.prompt(text, speaker))
+
+    def encode(self, audio) -> np.ndarray:
+        """Mono 24 kHz samples -> their Mimi codes [frames, 32] (what a context turn's audio becomes)."""
+        return self._backend.encode_audio(audio)
 
     def generate_codes_batch(
         self,

@@ -119,6 +119,31 @@ def build_prompt(
     return Frames.concat(parts)
 
 
+def segment_positions(tokenizer: TextTokenizer, segment: Segment) -> int:
+    """The prompt positions `segment` takes: its text frames, then its audio frames and the
+    end-of-audio frame when it has audio. Its audio must be encoded already (`codes`)."""
+    if segment.audio is not None and segment.codes is None:
+        raise CsmError("a segment's size needs its Mimi codes: encode its audio first (Generator.encode)")
+    audio = 0 if segment.codes is None else len(segment.codes) + 1
+    return len(tokenizer.encode_turn(segment.text, segment.speaker)) + audio
+
+
+def newest_that_fit(sizes: list[int], room: int, *, contiguous: bool) -> list[int]:
+    """Which of the items with these sizes (oldest first) to keep in `room` positions: the newest
+    first, each one whole or not at all, the kept total below `room` (check_fits' strict limit).
+    `contiguous`: stop at the first item that does not fit (a conversation keeps its newest turns
+    without a gap); otherwise skip it and try older, smaller ones (a voice's reference clips).
+    Returns the kept items' indices in their original order."""
+    kept, used = [], 0
+    for i in reversed(range(len(sizes))):
+        if used + sizes[i] < room:
+            kept.append(i)
+            used += sizes[i]
+        elif contiguous:
+            break
+    return kept[::-1]
+
+
 def check_fits(prompt_len: int, max_frames: int, max_seq_len: int) -> None:
     """Sesame's limit: the prompt must be shorter than the positions left after the longest
     generation (`prompt + max_frames < max_seq_len`)."""

@@ -12,6 +12,7 @@ from csm.cli.main import group
 
 
 @pytest.mark.parametrize("name, alias", [("generate", "csm.cli.generate:command"),
+                                         ("chat", "csm.cli.chat:command"),
                                          ("finetune", "csm.cli.finetune:group"),
                                          ("convert", "csm.convert:main"),
                                          ("watermark", "csm.cli.watermark:cli")])

@@ -1,6 +1,7 @@
 """`csm`: every command under one name.
 
     csm generate --text "Hello." -o hello.wav      # = csm-generate
+    csm chat --mode test -d out/                   # = csm-chat
     csm finetune voice-adapt ...                   # = csm-finetune
     csm convert SRC DST --to csm                   # = csm-convert
     csm watermark check clip.wav                   # = csm-watermark
@@ -21,7 +22,7 @@ from csm.errors import CsmError
 
 @click.group(name="csm", context_settings={"help_option_names": ["-h", "--help"]})
 def group():
-    """Sesame's CSM: generate speech, fine-tune voices, convert checkpoints, check watermarks."""
+    """Sesame's CSM: generate speech and conversations, fine-tune voices, convert checkpoints, check watermarks."""
 
 
 def _add(module: str, attr: str, name: str) -> None:
@@ -29,6 +30,7 @@ def _add(module: str, attr: str, name: str) -> None:
 
 
 _add("csm.cli.generate", "command", "generate")
+_add("csm.cli.chat", "command", "chat")
 _add("csm.cli.finetune", "group", "finetune")
 _add("csm.convert", "main", "convert")
 _add("csm.cli.watermark", "cli", "watermark")

@@ -1,10 +1,12 @@
-"""Audio out of the speakers for `csm-generate --play`. sounddevice needs the PortAudio system
-library and raises at import without it, so it is imported here, and only when playing."""
+"""Audio out of the speakers (`csm-generate --play`, `csm chat`) and in from the microphone
+(`csm chat --record`). sounddevice is the `audio` extra and needs the PortAudio system library (it
+raises at import without it), so it is imported here, and only when playing or recording."""
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -13,14 +15,61 @@ from csm.errors import CsmError
 _NO_DEVICE = "cannot play audio: no usable output device ({}); use -o FILE instead"
 
 
-def import_sounddevice():
+def import_sounddevice(what: str = "play audio", instead: str = "use -o FILE"):
+    """sounddevice, or a CsmError saying what to install (`what` could not be done; `instead`: the way
+    around it)."""
     try:
         import sounddevice
     except (ImportError, OSError) as exc:  # no PortAudio raises OSError at import
         raise CsmError(
-            f"cannot play audio: {exc}. Install PortAudio (e.g. apt install libportaudio2) or use -o FILE"
+            f"cannot {what}: {exc}. Install the audio extra (pip install 'csm-speech[audio]') and PortAudio "
+            f"(e.g. apt install libportaudio2), or {instead}"
         ) from None
     return sounddevice
+
+
+def has_output_device() -> bool:
+    """Whether sounddevice is installed and PortAudio has a default output device."""
+    try:
+        import sounddevice
+
+        sounddevice.query_devices(kind="output")
+    except Exception:  # ImportError, OSError without PortAudio, PortAudioError without a device
+        return False
+    return True
+
+
+def require_input_device() -> None:
+    """A CsmError now, before a model loads, when recording cannot work."""
+    sd = import_sounddevice("record", "leave out --record")
+    try:
+        sd.query_devices(kind="input")
+    except Exception as exc:  # PortAudioError
+        raise CsmError(f"cannot record: no usable input device ({exc}); leave out --record") from None
+
+
+def record(sample_rate: int, until: Callable[[], object]) -> np.ndarray:
+    """Record mono audio from the default input device from now until `until()` returns (e.g. the
+    user pressed Enter), as float32 at `sample_rate`."""
+    from csm.audio import resample
+
+    sd = import_sounddevice("record", "leave out --record")
+    blocks = []
+    try:
+        # the device's own rate: many microphones refuse 24 kHz; soxr resamples afterwards
+        rate = int(sd.query_devices(kind="input")["default_samplerate"])
+        stream = sd.InputStream(samplerate=rate, channels=1, dtype="float32",
+                                callback=lambda indata, frames, time, status: blocks.append(indata[:, 0].copy()))
+        stream.start()
+    except Exception as exc:  # PortAudioError: no default input device
+        raise CsmError(f"cannot record: no usable input device ({exc}); leave out --record") from None
+    try:
+        until()
+    finally:
+        stream.stop()
+        stream.close()
+    audio = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+    return resample(audio, rate, sample_rate)
 
 
 def play(audio: np.ndarray, sample_rate: int) -> None:
