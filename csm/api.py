@@ -179,10 +179,6 @@ class Generator:
         frames are to be generated: the context's total must stay below it (`check_fits`)."""
         return self.config.backbone.max_seq_len - max_frames - len(self.prompt(text, speaker))
 
-    def encode(self, audio) -> np.ndarray:
-        """Mono 24 kHz samples -> their Mimi codes [frames, 32] (what a context turn's audio becomes)."""
-        return self._backend.encode_audio(audio)
-
     def generate_codes_batch(
         self,
         texts: Sequence[str],

@@ -28,7 +28,7 @@ import numpy as np
 
 from csm.errors import CsmError
 from csm.mimi_files import FRAME_MS
-from csm.prompt import Segment
+from csm.prompt import Segment, newest_that_fit, segment_positions
 
 # a generated turn may run to LIMIT_FACTOR times the real one plus LIMIT_MARGIN_S before it is cut
 LIMIT_FACTOR = 2.0
@@ -255,15 +255,12 @@ def _real_audio(generator, turn: Segment) -> np.ndarray:
 
 def _fitting_context(generator, turn: Segment, earlier: list[Segment], limit_ms: float) -> list[Segment]:
     """The newest whole turns of `earlier` that fit the prompt with room for `limit_ms` of audio."""
-    room = generator.config.backbone.max_seq_len - int(limit_ms // FRAME_MS)
-    context = list(earlier)
-    while context and len(generator.prompt(turn.text, turn.speaker, context)) >= room:
-        context.pop(0)
-    if len(generator.prompt(turn.text, turn.speaker, context)) >= room:
-        positions = generator.config.backbone.max_seq_len
-        raise CsmError(f"the turn {turn.text[:40]!r} alone does not fit the model's {positions} positions with room "
-                       "for its audio")
-    return context
+    room = generator.context_room(turn.text, turn.speaker, int(limit_ms // FRAME_MS))
+    if room <= 0:
+        raise CsmError(f"the turn {turn.text[:40]!r} alone does not fit the model's "
+                       f"{generator.config.backbone.max_seq_len} positions with room for its audio")
+    sizes = [segment_positions(generator.tokenizer, s) for s in earlier]
+    return [earlier[i] for i in newest_that_fit(sizes, room, contiguous=True)]
 
 
 def _at(audio: np.ndarray, rate: int) -> np.ndarray:
