@@ -166,6 +166,25 @@ def test_random_init_is_deterministic_and_scaled(assets, tmp_path):
         init_model(tmp_path / "d", "tiny", tokenizer=assets, text_vocab_size=100)
 
 
+def test_init_command(assets, tmp_path, capsys):
+    from csm.cli.common import entry_point
+    from csm.cli.finetune import group
+
+    main = entry_point(group)
+    dims = json.dumps(dataclasses.asdict(scaled(FLAVORS["llama-8B"])))
+    args = ["init", str(tmp_path / "m"), "--backbone", dims, "--decoder", "tiny-decoder", "--tokenizer", str(assets),
+            "--text-vocab-size", str(TEXT_VOCAB), "--seed", "1"]
+    main(args)
+    config = open_checkpoint(tmp_path / "m").config
+    assert config.backbone == scaled(FLAVORS["llama-8B"]) and config.decoder == FLAVORS["tiny-decoder"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and "already exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["init", str(tmp_path / "n"), "--backbone", "{oops", "--tokenizer", str(assets)])
+    assert capsys.readouterr().err.startswith("error: --backbone: not a flavor name nor a JSON object")
+
+
 # --- a backbone from a Llama-3.x checkpoint ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")

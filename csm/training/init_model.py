@@ -187,8 +187,9 @@ def _tokenizer_file(tokenizer, llama_ckpt: Checkpoint | None, base_ckpt: Checkpo
             if (ckpt.root / TOKENIZER_FILE).is_file():
                 return ckpt.root / TOKENIZER_FILE
             raise CsmError(f"{what} {ckpt.root} has no {TOKENIZER_FILE}; pass tokenizer= (--tokenizer) too")
-    raise CsmError("the new model needs a text tokenizer: pass tokenizer= (a Llama-3 tokenizer.json), base= (a CSM "
-                   "model whose tokenizer and Mimi to reuse, e.g. unsloth/csm-1b) or llama=")
+    raise CsmError("the new model needs a text tokenizer: pass tokenizer= / --tokenizer (a Llama-3 tokenizer.json), "
+                   "base= / --base (a CSM model whose tokenizer and Mimi to reuse, e.g. unsloth/csm-1b) or "
+                   "llama= / --llama")
 
 
 def _check_tokenizer(path: Path, config: CsmConfig) -> None:
