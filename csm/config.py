@@ -95,7 +95,7 @@ SESAME_FLAVORS: dict[str, TransformerConfig] = {
 # csm's own small stacks, for experiments that must train in minutes on a CPU: Llama-3 structure
 # (GQA 4:1 in the backbone, 2:1 in the decoder, SwiGLU 4x, Llama-3 RoPE), narrow and shallow. With
 # the real vocabularies (128,256 text ids, 32 x 2051 audio ids) the embeddings are most of them:
-# `tiny` is ~63M parameters (4.6M in its stacks), `small` ~150M (33M in its stacks). Sesame's code
+# `tiny` is ~63M parameters (4.3M in its stacks), `small` ~149M (32M in its stacks). Sesame's code
 # knows none of these names: a config.json naming them is read by csm alone.
 CSM_FLAVORS: dict[str, TransformerConfig] = {
     "tiny-backbone": TransformerConfig(
