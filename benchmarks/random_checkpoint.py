@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from csm.config import PRESETS, CsmConfig, to_official_dict, to_transformers_dict
-from csm.weights import expected_shapes, from_csm_name
+from csm.training.init_model import random_weights
+from csm.weights import from_csm_name
 
 
 def write_random_checkpoint(out: Path, config: CsmConfig, fmt: str = "official", dtype=torch.bfloat16,
@@ -18,15 +19,10 @@ def write_random_checkpoint(out: Path, config: CsmConfig, fmt: str = "official",
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, shape in expected_shapes(config).items():
-        if name.endswith("norm.weight"):
-            t = torch.ones(shape, dtype=dtype)
-        else:
-            fan_in = shape[-2] if name == "audio_head" else shape[-1]
-            t = (torch.randn(shape, generator=gen, dtype=torch.float32) / fan_in**0.5).to(dtype)
-        tensors[from_csm_name(name, fmt)] = t  # random weights: no RoPE permutation needed
+    # the package's initialisation (csm-finetune init draws the same), cast one tensor at a time
+    for name, t in random_weights(config, seed):
+        tensors[from_csm_name(name, fmt)] = t.to(dtype)  # random weights: no RoPE permutation needed
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     to_dict = {"official": to_official_dict, "transformers": to_transformers_dict}.get(fmt, CsmConfig.to_dict)
     config_dict = to_dict(config)

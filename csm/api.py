@@ -372,6 +372,8 @@ def load(
     quantize: int | None = None,
     compile: bool | str | None = None,
     voice=None,
+    backbone_flavor: str | dict | None = None,
+    decoder_flavor: str | dict | None = None,
 ) -> Generator:
     """Load CSM from a local folder/file or a Hub repo id (default unsloth/csm-1b), on `backend`
     ("auto", "torch", "mlx"). `adapter`: a LoRA adapter folder (`csm-finetune`'s, or peft's) merged
@@ -381,7 +383,11 @@ def load(
     `compile` on torch: True/"default" or "max-autotune" compiles the frame's stacks with
     torch.compile (tens of seconds to minutes at first use, then ~2x faster frames on CUDA).
     `voice`: a voice profile (name, speaker id or `csm.voices.Voice`) whose model and adapter to load
-    when it names them (then `model` and `adapter` may be left out, or must be the same)."""
+    when it names them (then `model` and `adapter` may be left out, or must be the same).
+    `backbone_flavor` / `decoder_flavor`: what the weights are when no config.json says so, e.g. a
+    training checkpoint file (`checkpoints/model_epoch9_step1000.pt`): a flavor name (`llama-1B`,
+    `llama-3B`, `llama-3B-instruct`, `llama-8B`, `llama-100M`, ...) or a dict of dims; the decoder
+    defaults to llama-100M. Every tensor's shape is checked against them before any is read."""
     from csm.training.adapters import check_adapter, model_and_adapter
     from csm.voices import model_location
 
@@ -389,7 +395,7 @@ def load(
         model, adapter = _voice_model(voice, model, adapter)
     name = select_backend(backend)
     base, lora = model_and_adapter(model, adapter)
-    ckpt = open_checkpoint(base)
+    ckpt = open_checkpoint(base, backbone_flavor, decoder_flavor)
     if lora is not None:
         check_adapter(lora, ckpt.config)  # before any weight is read
     text_tokenizer = load_tokenizer(ckpt.root, tokenizer)
@@ -411,9 +417,34 @@ def _voice_model(voice, model, adapter) -> tuple:
     return voice.model, voice.adapter
 
 
-def load_csm_1b(device: str = "cuda", model: str | Path = DEFAULT_MODEL, **kwargs) -> SesameGenerator:
-    """Sesame's `load_csm_1b(device)`: the torch backend, wrapped so that `generate` returns 1-D
-    float32 torch tensors on `device` (Sesame's contract); the numpy Generator is `.generator`."""
+def load_csm_1b(device_or_model: str | Path | None = None, model: str | Path | None = None, *,
+                device: str | None = None, **kwargs) -> SesameGenerator:
+    """Sesame's `load_csm_1b(device="cuda")`: the torch backend, wrapped so that `generate` returns 1-D
+    float32 torch tensors on `device` (Sesame's contract); the numpy Generator is `.generator`.
+    The first argument is a device (Sesame's call) or a model, as in training repos' examples:
+    `load_csm_1b("checkpoints/model_epoch9_step1000.pt", backbone_flavor="llama-3B-instruct")`
+    (`kwargs` are `csm.load`'s). The device defaults to cuda, the model to unsloth/csm-1b."""
     from csm.sesame import SesameGenerator
 
-    return SesameGenerator(load(model, backend="torch", device=device, **kwargs))
+    if device_or_model is not None:
+        if _is_device_name(device_or_model):
+            if device is not None:
+                raise CsmError(f"load_csm_1b got two devices, {device_or_model!r} and device={device!r}")
+            device = device_or_model
+        elif model is not None:
+            raise CsmError(f"load_csm_1b got two models, {device_or_model!r} and model={model!r}; pass the device "
+                           "as device=")
+        else:
+            model = device_or_model
+    return SesameGenerator(load(model or DEFAULT_MODEL, backend="torch", device=device or "cuda", **kwargs))
+
+
+def _is_device_name(name) -> bool:
+    """A torch device, or a string torch reads as one (cuda, cuda:1, cpu, mps); a path or any other
+    string is taken for a model."""
+    import os
+    import re
+
+    if isinstance(name, os.PathLike):
+        return False
+    return not isinstance(name, str) or re.fullmatch(r"(cuda|cpu|mps)(:\d+)?", name) is not None

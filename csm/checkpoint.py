@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from csm.config import PRESETS, CsmConfig
+from csm.config import DEFAULT_DECODER_FLAVOR, FLAVORS, PRESETS, CsmConfig, TransformerConfig, model_config
 from csm.errors import CheckpointError, CsmError, read_json
-from csm.weights import detect_format, expected_shapes, to_csm_name
+from csm.weights import check_complete, detect_format, expected_shapes, to_csm_name
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -39,7 +39,7 @@ class Checkpoint:
         return self.files[0].suffix == ".safetensors"
 
 
-def _weight_files(path: Path) -> tuple[Path, ...]:
+def weight_files(path: Path) -> tuple[Path, ...]:
     if path.is_file():
         return (path,)
     index = path / SAFETENSORS_INDEX
@@ -71,6 +71,10 @@ def _read_ckpt_pt(path: Path) -> dict[str, Any]:
         state = state["model"]  # training checkpoints wrap the weights
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
+    # a model saved from inside DistributedDataParallel or torch.compile has every name prefixed
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
@@ -96,27 +100,64 @@ def tensor_shapes(files: tuple[Path, ...]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _config_for(root: Path, settings: dict | None, shapes: dict[str, tuple[int, ...]], fmt: str) -> CsmConfig:
-    if settings is not None:
-        return CsmConfig.from_dict(settings)
-    # A bare ckpt.pt / model.safetensors: accept it if it is exactly a known preset.
-    csm_shapes = {}
+def _csm_shapes(shapes: dict[str, tuple[int, ...]], fmt: str) -> dict[str, tuple[int, ...]]:
+    out = {}
     for name, shape in shapes.items():
         ours = to_csm_name(name, fmt)
         if ours is not None:
-            csm_shapes[ours] = shape
+            out[ours] = shape
+    return out
+
+
+def _config_for(path: Path, settings: dict | None, shapes: dict[str, tuple[int, ...]], fmt: str,
+                backbone_flavor, decoder_flavor) -> CsmConfig:
+    if backbone_flavor is not None or decoder_flavor is not None:
+        return _config_from_flavors(path, _csm_shapes(shapes, fmt), backbone_flavor, decoder_flavor)
+    if settings is not None:
+        return CsmConfig.from_dict(settings)
+    # A bare ckpt.pt / model.safetensors: accept it if it is exactly a known preset.
+    csm_shapes = _csm_shapes(shapes, fmt)
     for preset in PRESETS.values():
         if csm_shapes == expected_shapes(preset):
             return preset
-    raise CsmError(f"no config.json next to the weights in {root}, and they are not a csm-1b checkpoint; "
-                   "add its config.json")
+    raise CsmError(
+        f"no config.json next to {path}, and its shapes match no preset ({', '.join(PRESETS)}): name its stacks, "
+        "e.g. csm.load(path, backbone_flavor=\"llama-3B\", decoder_flavor=\"llama-100M\") (a flavor name or a dict "
+        "of dims; the decoder defaults to llama-100M), or put the model's config.json beside it")
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def _config_from_flavors(path: Path, csm_shapes: dict[str, tuple[int, ...]], backbone_flavor,
+                         decoder_flavor) -> CsmConfig:
+    """The config of weights whose stacks the caller names; the vocabularies are read off the
+    tensors (a training run may have resized them), every shape is checked here, before loading."""
+    if backbone_flavor is None:
+        raise CsmError("decoder_flavor= was given without backbone_flavor=: name the backbone too "
+                       f"(one of {', '.join(FLAVORS)}, or a dict of dims)")
+    sizes = {}
+    if (t := csm_shapes.get("text_embeddings.weight")) is not None:
+        sizes["text_vocab_size"] = t[0]
+    if (t := csm_shapes.get("codebook0_head.weight")) is not None:
+        sizes["audio_vocab_size"] = t[0]
+    if (t := csm_shapes.get("audio_head")) is not None:
+        sizes["audio_num_codebooks"] = t[0] + 1
+    config = model_config(backbone=backbone_flavor, decoder=decoder_flavor or DEFAULT_DECODER_FLAVOR, **sizes)
+    names = " and ".join(f"{what}_flavor={value!r}" for what, value in
+                         (("backbone", backbone_flavor), ("decoder", decoder_flavor or DEFAULT_DECODER_FLAVOR))
+                         if isinstance(value, str))
+    check_complete(csm_shapes, config, f"{path} read with {names or 'the given dims'} (another flavor?)")
+    return config
+
+
+def open_checkpoint(path: str | Path, backbone_flavor: str | TransformerConfig | dict | None = None,
+                    decoder_flavor: str | TransformerConfig | dict | None = None) -> Checkpoint:
+    """The checkpoint at `path`: a model folder or one weights file. Its config comes from
+    `backbone_flavor` / `decoder_flavor` when given (flavor names or dims; they win over a config.json
+    beside the weights), else from the config.json beside it, else from its shapes when they are
+    exactly a preset's."""
     path = Path(path)
     if not path.exists():
         raise CsmError(f"model not found: {path}")
-    files = _weight_files(path)
+    files = weight_files(path)
     for f in files:
         if f.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
             raise CheckpointError(f"{f} is not a weights file (.safetensors or .pt)")
@@ -125,7 +166,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     root = path if path.is_dir() else path.parent
     config_file = root / "config.json"
     settings = read_json(config_file, "config file") if config_file.is_file() else None  # read once
-    config = _config_for(root, settings, shapes, fmt)
+    config = _config_for(path, settings, shapes, fmt, backbone_flavor, decoder_flavor)
     quantization = settings.get("quantization") if isinstance(settings, dict) else None
     return Checkpoint(root=root, files=files, format=fmt, config=config, quantization=quantization)
 

@@ -52,15 +52,31 @@ class TransformerConfig:
     rope_scaling: RopeScaling | None = field(default_factory=RopeScaling)
 
     def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "max_seq_len"):
+            _check_positive_int(name, getattr(self, name))
         if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise CsmError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}; "
+                               "change one, or give head_dim")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        _check_positive_int("head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise CsmError(f"head_dim {self.head_dim} is odd; RoPE rotates pairs of dims, so use an even head_dim")
         if self.num_heads % self.num_kv_heads:
             raise CsmError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if not self.norm_eps > 0 or not self.rope_theta > 0:
+            raise CsmError(f"norm_eps ({self.norm_eps}) and rope_theta ({self.rope_theta}) must be positive")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CsmError(f"{name} must be a positive integer, got {value!r}")
 
 
 # Sesame's named flavors: the dims of the torchtune llama3_2 builders Sesame's own CSM code calls,
-# which its config.json names instead of listing dims.
-FLAVORS: dict[str, TransformerConfig] = {
+# which its config.json names instead of listing dims. llama-3B and llama-8B are Llama-3.2-3B's and
+# Llama-3.1-8B's stacks, so their weights can start a backbone (`csm.training.init_model`).
+SESAME_FLAVORS: dict[str, TransformerConfig] = {
     "llama-1B": TransformerConfig(
         num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8, intermediate_size=8192,
     ),
@@ -75,6 +91,31 @@ FLAVORS: dict[str, TransformerConfig] = {
         rope_scaling=RopeScaling(factor=8.0),
     ),
 }
+
+# csm's own small stacks, for experiments that must train in minutes on a CPU: Llama-3 structure
+# (GQA 4:1 in the backbone, 2:1 in the decoder, SwiGLU 4x, Llama-3 RoPE), narrow and shallow. With
+# the real vocabularies (128,256 text ids, 32 x 2051 audio ids) the embeddings are most of them:
+# `tiny` is ~63M parameters (4.3M in its stacks), `small` ~149M (32M in its stacks). Sesame's code
+# knows none of these names: a config.json naming them is read by csm alone.
+CSM_FLAVORS: dict[str, TransformerConfig] = {
+    "tiny-backbone": TransformerConfig(
+        num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=2, intermediate_size=1024,
+    ),
+    "tiny-decoder": TransformerConfig(
+        num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=512,
+    ),
+    "small-backbone": TransformerConfig(
+        num_layers=8, hidden_size=512, num_heads=8, num_kv_heads=2, intermediate_size=2048,
+    ),
+    "small-decoder": TransformerConfig(
+        num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=1024,
+    ),
+}
+
+FLAVORS: dict[str, TransformerConfig] = {**SESAME_FLAVORS, **CSM_FLAVORS}
+
+# Other names for a flavor: Sesame's 3B starts from Llama-3.2-3B-Instruct, whose stack is llama-3B's.
+FLAVOR_ALIASES: dict[str, str] = {"llama-3B-instruct": "llama-3B"}
 
 
 @dataclass(frozen=True)
@@ -112,9 +153,22 @@ class CsmConfig:
         return cls.from_dict(read_json(path, "config file"))
 
 
-PRESETS: dict[str, CsmConfig] = {
-    "csm-1b": CsmConfig(backbone=FLAVORS["llama-1B"], decoder=FLAVORS["llama-100M"]),
+# Named models: (backbone, decoder) flavor pairs with the real vocabularies. A bare weights file
+# of exactly one of these shapes loads without a config.json.
+PRESET_FLAVORS: dict[str, tuple[str, str]] = {
+    "csm-1b": ("llama-1B", "llama-100M"),  # Sesame's released model
+    "csm-3b": ("llama-3B", "llama-100M"),
+    "csm-8b": ("llama-8B", "llama-100M"),
+    "tiny": ("tiny-backbone", "tiny-decoder"),
+    "small": ("small-backbone", "small-decoder"),
 }
+PRESETS: dict[str, CsmConfig] = {
+    name: CsmConfig(backbone=FLAVORS[b], decoder=FLAVORS[d]) for name, (b, d) in PRESET_FLAVORS.items()
+}
+DEFAULT_DECODER_FLAVOR = "llama-100M"  # every released and preset CSM but the experiment ones
+
+# What explicit dims may state: TransformerConfig's fields (rope_scaling as a dict of RopeScaling's).
+DIM_FIELDS = tuple(f.name for f in dataclasses.fields(TransformerConfig))
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -125,9 +179,80 @@ def _given(**values: Any) -> dict[str, Any]:
 
 def _flavor(name: str) -> TransformerConfig:
     try:
-        return FLAVORS[name]
-    except KeyError:
-        raise CsmError(f"unknown model flavor {name!r}; known: {', '.join(FLAVORS)}") from None
+        return FLAVORS[FLAVOR_ALIASES.get(name, name)]
+    except (KeyError, TypeError):
+        known = ", ".join([*FLAVORS, *FLAVOR_ALIASES])
+        raise CsmError(f"unknown model flavor {name!r}; known: {known}") from None
+
+
+def transformer_config(spec: str | TransformerConfig | dict[str, Any], what: str = "backbone") -> TransformerConfig:
+    """One stack from a flavor name (or alias), a `TransformerConfig`, or a dict of explicit dims
+    (`TransformerConfig`'s fields; `rope_scaling` a dict of `RopeScaling`'s, or None for plain RoPE)."""
+    if isinstance(spec, TransformerConfig):
+        return spec
+    if isinstance(spec, str):
+        return _flavor(spec)
+    if not isinstance(spec, dict):
+        raise CsmError(f"{what}: give a flavor name ({', '.join(FLAVORS)}) or a dict of dims, not {spec!r}")
+    unknown = sorted(set(spec) - set(DIM_FIELDS))
+    if unknown:
+        raise CsmError(f"{what} dims: unknown key(s) {', '.join(unknown)}; known: {', '.join(DIM_FIELDS)}")
+    required = [f.name for f in dataclasses.fields(TransformerConfig) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in spec]
+    if missing:
+        raise CsmError(f"{what} dims: missing {', '.join(missing)} (required: {', '.join(required)})")
+    dims = dict(spec)
+    if isinstance(dims.get("rope_scaling"), dict):
+        try:
+            dims["rope_scaling"] = RopeScaling(**dims["rope_scaling"])
+        except TypeError as exc:
+            raise CsmError(f"{what} dims: bad rope_scaling ({exc})") from None
+    try:
+        return TransformerConfig(**dims)
+    except CsmError as exc:
+        raise CsmError(f"{what} dims: {exc}") from None
+
+
+def model_config(preset: str | CsmConfig | None = None, *, backbone: str | TransformerConfig | dict | None = None,
+                 decoder: str | TransformerConfig | dict | None = None, **sizes: int) -> CsmConfig:
+    """The `CsmConfig` of a preset name (`PRESETS`), of a (backbone, decoder) pair of flavor names
+    or explicit dims (see `transformer_config`), or of a preset with either stack replaced.
+    `sizes`: text_vocab_size, audio_vocab_size, audio_num_codebooks, to override. Without a preset
+    the backbone is required and the decoder defaults to llama-100M."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise CsmError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)} (or give backbone= and "
+                           "decoder= flavors or dims)")
+        base = PRESETS[preset]
+    elif isinstance(preset, CsmConfig) or preset is None:
+        base = preset
+    else:
+        raise CsmError(f"a model preset is a name ({', '.join(PRESETS)}) or a CsmConfig, not {preset!r}")
+    if base is None and backbone is None:
+        raise CsmError(f"give a model preset ({', '.join(PRESETS)}) or a backbone flavor ({', '.join(FLAVORS)}) "
+                       "or dims")
+    unknown = sorted(set(sizes) - {"text_vocab_size", "audio_vocab_size", "audio_num_codebooks"})
+    if unknown:
+        raise CsmError(f"unknown model setting(s) {', '.join(unknown)}; known: text_vocab_size, audio_vocab_size, "
+                       "audio_num_codebooks")
+    for name, value in sizes.items():
+        _check_positive_int(name, value)
+    if sizes.get("audio_num_codebooks", 2) < 2:
+        raise CsmError("audio_num_codebooks must be at least 2: the decoder predicts codebooks 1 and up")
+    return CsmConfig(
+        backbone=transformer_config(backbone, "backbone") if backbone is not None else base.backbone,
+        decoder=(transformer_config(decoder, "decoder") if decoder is not None
+                 else base.decoder if base is not None else FLAVORS[DEFAULT_DECODER_FLAVOR]),
+        **{k: v for k, v in _sizes(base).items() if k not in sizes}, **sizes,
+    )
+
+
+def _sizes(config: CsmConfig | None) -> dict[str, int]:
+    if config is None:
+        return {}
+    return {"text_vocab_size": config.text_vocab_size, "audio_vocab_size": config.audio_vocab_size,
+            "audio_num_codebooks": config.audio_num_codebooks}
 
 
 def _from_official(d: dict[str, Any]) -> CsmConfig:
@@ -178,7 +303,8 @@ def _transformers_rope(d: dict[str, Any]) -> tuple[float | None, RopeScaling | N
     )
 
 
-def _transformers_stack(d: dict[str, Any]) -> TransformerConfig:
+def transformers_stack(d: dict[str, Any]) -> TransformerConfig:
+    """One stack from a transformers config dict (a CSM's backbone or depth decoder, or a Llama)."""
     theta, scaling = _transformers_rope(d)
     return TransformerConfig(
         num_layers=d["num_hidden_layers"],
@@ -194,8 +320,8 @@ def _transformers_stack(d: dict[str, Any]) -> TransformerConfig:
 
 def _from_transformers(d: dict[str, Any]) -> CsmConfig:
     return CsmConfig(
-        backbone=_transformers_stack(d),
-        decoder=_transformers_stack(d["depth_decoder_config"]),
+        backbone=transformers_stack(d),
+        decoder=transformers_stack(d["depth_decoder_config"]),
         **_given(text_vocab_size=d.get("text_vocab_size"), audio_vocab_size=d.get("vocab_size"),
                  audio_num_codebooks=d.get("num_codebooks")),
     )
@@ -250,6 +376,11 @@ def _architecture(t: TransformerConfig) -> tuple:
     )
     return (t.num_layers, t.hidden_size, t.num_heads, t.num_kv_heads, t.intermediate_size, t.head_dim,
             t.norm_eps, t.rope_theta, rope)
+
+
+def same_architecture(a: TransformerConfig, b: TransformerConfig) -> bool:
+    """Whether two stacks compute the same function of the same weights (positions aside)."""
+    return _architecture(a) == _architecture(b)
 
 
 def flavor_name(t: TransformerConfig) -> str | None:

@@ -36,6 +36,11 @@ class TextTokenizer:
         except Exception as exc:
             raise CsmError(f"cannot read tokenizer {path}: {exc}") from None
 
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can produce, its special tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
     def encode_turn(self, text: str, speaker: int) -> list[int]:
         ids = self._tok.encode(f"[{speaker}]{text}", add_special_tokens=False).ids
         return [self.bos_id, *ids, self.eos_id]

@@ -71,6 +71,14 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
         "audio_head", *[f"{s}.norm.weight" for s in _STACKS],
         *[f"{s}.layers.{{n}}.{x}" for s in _STACKS for x in _LAYER_SUFFIXES],
     )],
+    # A Llama-3.x text model in transformers' layout (`LlamaForCausalLM`): its stack is a CSM backbone
+    # and its token embeddings CSM's text embeddings (how Sesame's larger models start). Read only,
+    # never written: rotate-half q/k rows like ours, so no permutation.
+    "llama": [
+        ("model.embed_tokens.weight", "text_embeddings.weight"),
+        ("model.norm.weight", "backbone.norm.weight"),
+        *[(f"model.layers.{{n}}.{x}", f"backbone.layers.{{n}}.{x}") for x in _LAYER_SUFFIXES],
+    ],
 }
 
 # csm tensors a format stores under more than one name. transformers ties the backbone's audio
@@ -81,6 +89,7 @@ TIED_COPIES: dict[str, dict[str, tuple[str, ...]]] = {
     "official": {},
     "transformers": {"audio_embeddings.weight": ("backbone_model.embed_tokens.embed_audio_tokens.weight",)},
     "csm": {},
+    "llama": {},
 }
 
 # Tensors a format may hold that are not model parameters: tied copies, caches, buffers.
@@ -90,6 +99,8 @@ IGNORED: dict[str, list[str]] = {
     "transformers": [r"^codec_model\..*",
                      r".*rotary_emb\.inv_freq$", r".*audio_tokens_offsets$"],
     "csm": [],
+    # the text head predicts text tokens, which CSM never does
+    "llama": [r"^lm_head\.weight$", r".*rotary_emb\.inv_freq$"],
 }
 
 

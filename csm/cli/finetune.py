@@ -128,7 +128,8 @@ def _register_optional() -> None:
     import importlib
 
     for module, names in (("csm.cli.finetune_data", ("prepare_command",)),
-                          ("csm.cli.finetune_adapters", ("merge_command", "export_adapter_command"))):
+                          ("csm.cli.finetune_adapters", ("merge_command", "export_adapter_command")),
+                          ("csm.cli.finetune_init", ("init_command",))):
         try:
             mod = importlib.import_module(module)
         except ImportError:
