@@ -90,6 +90,11 @@ class Generator:
         encoded = [(seg, self._segment_codes(seg)) for seg in context]
         return build_prompt(self.tokenizer, text, speaker, encoded, self.config.audio_num_codebooks)
 
+    def encode(self, audio) -> np.ndarray:
+        """Mimi codes [frames, 32] of mono 24 kHz audio: encode a context clip once and pass
+        `Segment(..., codes=...)` to every turn that uses it."""
+        return self._backend.encode_audio(audio)
+
     def _segment_codes(self, segment: Segment) -> np.ndarray | None:
         """A context segment's Mimi codes: the ones it carries, else its audio encoded, else None."""
         if segment.codes is not None:
