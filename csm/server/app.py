@@ -24,6 +24,7 @@ import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from csm.engine import Engine, EngineFull
 from csm.errors import CsmError
@@ -107,10 +108,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
         req = parse_request(payload)
         job, encoder, input_tokens = await anyio.to_thread.run_sync(_prepare, state, req, limiter=state.limiter)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        # runs however the response ends, even when the client left before its body began
+        stop = BackgroundTask(job.cancel)
         if req.stream_format == "sse":
             return StreamingResponse(_sse(state, job, encoder, input_tokens), media_type="text/event-stream",
-                                     headers=headers)
-        return StreamingResponse(_audio(state, job, encoder), media_type=encoder.media_type, headers=headers)
+                                     headers=headers, background=stop)
+        return StreamingResponse(_audio(state, job, encoder), media_type=encoder.media_type, headers=headers,
+                                 background=stop)
 
     return app
 
