@@ -173,7 +173,8 @@ def _load(url: str, a: argparse.Namespace, log) -> list[dict]:
 def markdown_section(rows: list[dict]) -> str:
     first = rows[0]
     libs = ", ".join(f"{k} {v}" for k, v in (first["versions"] or {}).items() if v)
-    lines = [f"## Serving: {first['device']} — {libs}, {first['date']}", "", f"`{first['command']}`", "",
+    commands = [f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)]
+    lines = [f"## Serving: {first['device']} — {libs}, {first['date']}", "", *commands, "",
              f"Model: {first['model']}. `csm serve`'s app on uvicorn in-process; streamed pcm; TTFA = time to the "
              "first audio byte at the client, queueing included.", "",
              "| clients | requests | max batch | audio per request | requests/s | TTFA p50 ms | TTFA p95 ms | "
