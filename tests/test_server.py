@@ -256,7 +256,7 @@ class GatedEngine(csm.Engine):
 @pytest.fixture(scope="module")
 def small(gen, home):
     """One slot and one place in the queue, on a gated engine; turns up to 12.8 s."""
-    settings = ServerSettings(api_key=KEY, max_audio_length_ms=12_800)
+    settings = ServerSettings(api_key=KEY, max_audio_length_ms=12_800, voice_map={"nova": "Gone"})
     with Running(GatedEngine(gen, max_batch_size=1, max_queue=1), settings) as running:
         yield running
 
@@ -292,6 +292,12 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(small):
     assert len(queued["pcm"]) == 4 * 1920 * 2
     assert engine.frames < 20  # the loop never ran the long request's 160 frames: its slot went at once
     assert engine.active == 0 and engine.waiting == 0
+
+
+def test_a_voice_mapped_to_a_missing_profile_says_so(small):
+    response = small.post(speech(voice="nova"))
+    assert response.status_code == 400
+    assert "voice 'nova' maps to 'Gone', which is not in the voice store" in response.json()["error"]["message"]
 
 
 # --- the command line ---------------------------------------------------------------------------

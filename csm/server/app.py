@@ -186,8 +186,9 @@ def _resolve_voice(name: str, settings: ServerSettings):
         if target in (voice.name, voice.id):
             return voice, None
     known = ", ".join([*OPENAI_VOICES, *(v.name for v in profiles)])
-    raise ApiError(400, f"no voice {name!r}: use one of {known}, or a speaker id", param="voice",
-                   code="voice_not_found")
+    what = f"voice {name!r} maps to {target!r}, which is not in the voice store" if target != name else \
+        f"no voice {name!r}"
+    raise ApiError(400, f"{what}: use one of {known}, or a speaker id", param="voice", code="voice_not_found")
 
 
 def _context(req: SpeechRequest) -> list[Segment]:
