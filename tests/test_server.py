@@ -255,8 +255,8 @@ class GatedEngine(csm.Engine):
 
 @pytest.fixture(scope="module")
 def small(gen, home):
-    """One slot and one place in the queue, on a gated engine; turns up to 12.8 s."""
-    settings = ServerSettings(api_key=KEY, max_audio_length_ms=12_800, voice_map={"nova": "Gone"})
+    """One slot and one place in the queue, on a gated engine; turns of up to 16 characters and 12.8 s."""
+    settings = ServerSettings(api_key=KEY, max_audio_length_ms=12_800, voice_map={"nova": "Gone"}, turn_chars=16)
     with Running(GatedEngine(gen, max_batch_size=1, max_queue=1), settings) as running:
         yield running
 
@@ -289,9 +289,19 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(small):
     wait_for(lambda: small.health()["finished"].get("cancelled") == 1, "the disconnect to cancel the request")
     engine.open.set()
     waiter.join(120)
-    assert len(queued["pcm"]) == 4 * 1920 * 2
+    assert len(queued["pcm"]) == 2 * 4 * 1920 * 2  # two turns of 4 frames
     assert engine.frames < 20  # the loop never ran the long request's 160 frames: its slot went at once
     assert engine.active == 0 and engine.waiting == 0
+
+
+def test_long_input_is_spoken_in_turns_as_one_stream(small):
+    small.engine.open.set()
+    body = speech(input="Hello there. How are you?", stream_format="sse", max_audio_length_ms=SHORT_MS)
+    with httpx.stream("POST", f"{small.url}/v1/audio/speech", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=120) as response:
+        events = sse_events(response)
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+    assert events[-1]["usage"]["output_tokens"] == 8 and len(audio) == 8 * 1920 * 2  # two turns, one stream
 
 
 def test_a_voice_mapped_to_a_missing_profile_says_so(small):
