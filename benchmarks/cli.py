@@ -20,6 +20,11 @@ of synthetic clips (bf16 autocast on CUDA, float32 on CPUs):
 
 (the first is RESULTS.md's CPU section; add `--decoder-fraction 1 --impl csm-lora csm-full` for
 csm with its decoder on every frame, as transformers' rows have theirs)
+
+Serving (`--task serve`): a bounded load test of `csm serve` (`benchmarks.serve_task`): requests/s,
+time to first audio p50/p95 and aggregate frames/s of many clients against one server:
+
+    python -m benchmarks --task serve --preset small --device cpu --threads 1 --requests 64 --clients 16
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import bandwidth, engines, measure, models, report, train_task, trainers
+from benchmarks import bandwidth, engines, measure, models, report, serve_task, train_task, trainers
 from benchmarks.report import first_line
 from csm.errors import CsmError
 from csm.prompt import check_fits, text_frames
@@ -83,8 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--seed", type=int, default=0, help="of the random weights")
     src.add_argument("--mimi", help="Mimi weights (default: the checkpoint's, or random ones with random weights)")
     run = p.add_argument_group("what to run")
-    run.add_argument("--task", choices=("infer", "train"), default="infer",
-                     help="infer: generation (the default); train: fine-tuning steps")
+    run.add_argument("--task", choices=("infer", "train", "serve"), default="infer",
+                     help="infer: generation (the default); train: fine-tuning steps; serve: a load test of "
+                          "csm serve (benchmarks/serve_task.py)")
     run.add_argument("--device", help="cuda, cpu, mps or gpu (MLX's GPU); default: the best there is")
     run.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own choice); one avoids "
                      "spinning threads on a CPU shared with other work")
@@ -124,12 +130,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           "as one table")
     out.add_argument("--append-results", nargs="?", const=RESULTS_MD, type=Path, metavar="RESULTS_MD",
                      help=f"append a section to {RESULTS_MD.name} (or the file given)")
+    serve_task.add_arguments(p)
     a = p.parse_args(argv)
     if a.model and (a.random_weights or a.dims):
         p.error("--model loads a checkpoint: drop --random-weights / --dims")
     check_threads(p, a)
     if a.task == "train":
         check_train_args(p, a)
+        return a
+    if a.task == "serve":
+        serve_task.check_args(p, a)
         return a
     a.batch = a.batch or [1]
     a.preset = a.preset or "csm-1b"
@@ -493,6 +503,9 @@ def run(a: argparse.Namespace, command: str, log=lambda line: None) -> list[dict
         torch.set_num_threads(a.threads)
     if a.task == "train":
         return train_rows(a, command, log)
+    if a.task == "serve":
+        device = resolve_devices(a.device)[0] or "cpu"
+        return serve_task.run(a, model_source(a), device, torch_device_name(device), command, log)
     source = model_source(a)
     check_fits(a.prompt_tokens, a.warmup_frames + a.frames, source.config.backbone.max_seq_len)
     torch_dev, mlx_dev = resolve_devices(a.device)

@@ -128,6 +128,10 @@ def markdown_table(rows: list[dict]) -> str:
 def markdown_section(rows: list[dict]) -> str:
     """A RESULTS.md section: where and how it was measured, then the table (one part per task
     when the rows mix them)."""
+    if task(rows[0]) == "serve":
+        from benchmarks.serve_task import markdown_section as serve_section
+
+        return serve_section(rows)
     parts = [[r for r in rows if task(r) == t] for t in ("infer", "train")]
     if all(parts):
         return "\n".join(markdown_section(part) for part in parts)

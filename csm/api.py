@@ -91,7 +91,8 @@ class Generator:
         return build_prompt(self.tokenizer, text, speaker, encoded, self.config.audio_num_codebooks)
 
     def encode(self, audio, sample_rate: int = MODEL_SAMPLE_RATE) -> np.ndarray:
-        """Mono audio -> its Mimi codes [frames, 32] (what `decode` turns back into audio)."""
+        """Mono audio -> its Mimi codes [frames, 32] (what `decode` turns back into audio): encode a
+        context clip once and pass `Segment(..., codes=...)` to every turn that uses it."""
         return self._segment_codes(Segment(0, "", audio=audio, sample_rate=sample_rate))
 
     def _segment_codes(self, segment: Segment) -> np.ndarray | None:

@@ -153,3 +153,13 @@ def test_tasks_refuse_each_others_implementations(capsys):
             cli.parse_args(argv)
         assert exc.value.code == 2
     assert "--task train" in capsys.readouterr().err
+
+
+def test_serve_task_arguments(capsys):
+    a = cli.parse_args(["--task", "serve", "--device", "cpu", "--requests", "8", "--clients", "4"])
+    assert (a.preset, a.requests, a.clients, a.max_batch_size) == ("small", 8, 4, 16)
+    for argv in (["--task", "serve", "--model", "x"], ["--task", "serve", "--clients", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.parse_args(argv)
+        assert exc.value.code == 2
+    assert "--task serve runs on random weights" in capsys.readouterr().err

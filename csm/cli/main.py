@@ -5,6 +5,7 @@
     csm finetune voice-adapt ...                   # = csm-finetune
     csm convert SRC DST --to csm                   # = csm-convert
     csm watermark check clip.wav                   # = csm-watermark
+    csm serve --model unsloth/csm-1b --port 8000   # OpenAI-compatible speech server (serve extra)
     csm bench ...                                  # = python -m benchmarks (from a clone)
 
 The older names stay as aliases with the same flags: each is the same click command object.
@@ -35,7 +36,8 @@ _add("csm.cli.finetune", "group", "finetune")
 _add("csm.convert", "main", "convert")
 _add("csm.cli.watermark", "cli", "watermark")
 # commands whose modules are optional in this tree
-for _module, _attr, _name in (("csm.cli.voice", "group", "voice"), ("csm.cli.evaluate", "cli", "eval")):
+for _module, _attr, _name in (("csm.cli.voice", "group", "voice"), ("csm.cli.evaluate", "cli", "eval"),
+                               ("csm.cli.serve", "command", "serve")):
     try:
         _add(_module, _attr, _name)
     except (ImportError, AttributeError):
