@@ -19,11 +19,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from csm.engine import Engine, EngineFull
@@ -37,6 +38,7 @@ from csm.server.schema import SpeechRequest, parse_request
 from csm.server.settings import DEFAULT_SPEAKER, OPENAI_VOICES, ServerSettings
 
 log = logging.getLogger("csm.server")
+PAGE = Path(__file__).parent / "static" / "index.html"
 _CREATED = int(time.time())
 
 
@@ -69,6 +71,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None,
     app.state.csm = state
     install_handlers(app)
     authorized = Depends(_auth(state.settings.api_key))
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        """The web page: type, pick a voice, hear the reply as it streams (it speaks this API)."""
+        return FileResponse(PAGE, media_type="text/html")
 
     @app.get("/health")
     def health():
