@@ -310,6 +310,63 @@ def test_a_voice_mapped_to_a_missing_profile_says_so(small):
     assert "voice 'nova' maps to 'Gone', which is not in the voice store" in response.json()["error"]["message"]
 
 
+# --- the web page -------------------------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Debian's headless Chromium driven by selenium (both installed by .ci/run)."""
+    import os
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--autoplay-policy=no-user-gesture-required", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-quic", "--window-size=1000,900",
+                 f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_speaks_streams_and_keeps_the_conversation(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/")
+    key = browser.find_element(By.ID, "key")
+    browser.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('change'))",
+                           key, KEY)
+    WebDriverWait(browser, 30).until(lambda b: "Ada" in b.find_element(By.ID, "voice").text)
+    for i, line in enumerate(["Hello there, how are you?", "Fine, thanks."]):
+        browser.find_element(By.ID, "text").send_keys(line)
+        browser.find_element(By.ID, "speak").click()
+        WebDriverWait(browser, 300).until(
+            lambda b, n=i + 1: len(b.find_elements(By.CSS_SELECTOR, ".turn a.download")) == n)
+        assert browser.find_element(By.ID, "status").text.startswith("Done"), browser.find_element(By.ID, "status").text
+    played = browser.execute_script("return window.csmPage")
+    assert played["chunksPlayed"] >= 2 and played["firstAudioMs"] is not None
+    # every sample that arrived was played, and each turn's WAV holds that turn's samples
+    durations = browser.execute_script(
+        "return Promise.all([...document.querySelectorAll('.turn audio')].map(a => a.duration || "
+        "new Promise(r => a.addEventListener('loadedmetadata', () => r(a.duration)))))")
+    assert len(durations) == 2 and all(0 < d <= SHORT_MS / 1000 + 1e-6 for d in durations)
+    assert played["samplesPlayed"] == pytest.approx(sum(durations) * 24_000, abs=2)
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".turn p")] == [
+        "Hello there, how are you?", "Fine, thanks."]
+    assert server.health()["finished"].get("end_of_speech", 0) + server.health()["finished"].get("max_length", 0) >= 2
+    browser.save_screenshot(str(tmp_path / "page.png"))
+    assert (tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 def test_csm_serve_is_a_csm_command(capsys):
