@@ -89,7 +89,12 @@ class MlxTrainer(TrainingBackend):
         if quantize is not None:
             from csm_mlx.quantize import check_quantization
 
-            check_quantization(quantize, QUANTIZE_GROUP_SIZE, Model(ckpt.config))
+            try:
+                check_quantization(quantize, QUANTIZE_GROUP_SIZE, Model(ckpt.config))
+            except CsmError as exc:  # its fix names inference's --group-size, which training has not
+                problem = str(exc).split(";")[0]
+                raise CsmError(f"{problem}; QLoRA quantizes in groups of {QUANTIZE_GROUP_SIZE}: train this model "
+                               "without --quantize") from None
         model = load_model(ckpt.config, tensors, dtype, quantize=quantize, group_size=QUANTIZE_GROUP_SIZE,
                            source=f"{ckpt.format} checkpoint {ckpt.root}")
         self.model = model
