@@ -71,6 +71,11 @@ class MlxTrainer(TrainingBackend):
     def __init__(self, config: TrainConfig, ckpt: Checkpoint, base_model: str, adapter=None):
         self.config = config
         self.base_model = base_model
+        if config.gradient_checkpointing and config.lora_dropout and config.method == "lora":
+            # MLX's recomputation draws new dropout masks (its random key is no input of the
+            # checkpoint), which would give gradients of another forward pass than the loss's
+            raise CsmError("on MLX, --gradient-checkpointing and --lora-dropout cannot be combined: set "
+                           "--lora-dropout 0, or drop --gradient-checkpointing")
         if ckpt.quantization is not None:
             raise CsmError(f"{ckpt.root} is quantized; fine-tune the float model (with --quantize 4 for QLoRA)")
         self.mlx_device = pick_device(config.device)
