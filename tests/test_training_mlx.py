@@ -129,20 +129,20 @@ def test_mlx_resume_after_sigkill_is_bit_exact(tiny_transformers_dir, tmp_path):
     from safetensors.numpy import load_file
 
     base = str(tiny_transformers_dir[0])
-    settings = ["backend=mlx", "method=lora", "lora_dropout=0.1", "train_heads=true", "epochs=4", "batch_size=2",
+    settings = ["backend=mlx", "method=lora", "lora_dropout=0.1", "train_heads=true", "epochs=3", "batch_size=2",
                 "learning_rate=1e-2", "save_every=1", "decoder_fraction=0.25", "validation_split=0"]
     whole = _run_script([base, str(tmp_path / "whole"), *settings])
     killed = _run_script([base, str(tmp_path / "killed"), *settings])
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:  # kill it mid-run, once a few steps are checkpointed
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     steps_done = len(metrics.read_text().splitlines())
-    assert 3 <= steps_done < 8, steps_done
+    assert 2 <= steps_done < 6, steps_done
     resumed = _run_script([base, str(tmp_path / "killed"), *settings, "resume=true"])
     assert resumed.wait() == 0, resumed.stdout.read()
     assert whole.wait() == 0, whole.stdout.read()
@@ -150,7 +150,7 @@ def test_mlx_resume_after_sigkill_is_bit_exact(tiny_transformers_dir, tmp_path):
     b = load_file(str(tmp_path / "killed" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == list(range(1, 9))  # replayed steps were logged once
+    assert steps == list(range(1, 7))  # replayed steps were logged once
 
 
 def test_qlora_on_a_4_bit_base_learns(tmp_path_factory, tmp_path):
@@ -190,3 +190,17 @@ def test_bad_quantize_settings_are_refused(tiny_transformers_dir, tmp_path):
     with pytest.raises(CsmError, match="--lora-dropout 0"):
         CSMFineTuner(model_path=base, output_dir=tmp_path / "a", backend="mlx", gradient_checkpointing=True,
                      lora_dropout=0.1).prepare_optimizer()
+
+
+def test_cli_quantize_and_backend_flags(tiny_transformers_dir, tmp_path, capsys):
+    """`csm-finetune train --quantize` reaches the trainers: refused on torch, and on MLX for a base
+    whose widths are no multiple of the group size, each as one error line."""
+    from csm.cli.finetune import main
+
+    base = str(tiny_transformers_dir[0])
+    for backend, expected in (("torch", "add --backend mlx"), ("mlx", "train this model without --quantize")):
+        with pytest.raises(SystemExit):
+            main(["train", "--model-path", base, "--data", str(tmp_path), "--output-dir", str(tmp_path / "out"),
+                  "--backend", backend, "--quantize", "4"])
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
