@@ -12,6 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlx.core as mx
@@ -84,7 +85,6 @@ class MlxTrainer(TrainingBackend):
         # a LoRA run's frozen weights may live in bf16 on a GPU; trained ones are float32
         bf16 = config.precision == "bfloat16" or (config.precision == "auto" and self.device == "gpu")
         dtype = mx.bfloat16 if bf16 and config.method == "lora" else mx.float32
-        mx.random.seed(config.seed)  # LoRA's A matrices
         tensors = csm_tensors(checkpoint_arrays(ckpt), ckpt.format, ckpt.config)
         if adapter is not None:  # training on from a LoRA voice: its adapter merged into the base, rounded once
             from csm.training.adapters import merged_tensors
@@ -95,7 +95,7 @@ class MlxTrainer(TrainingBackend):
             from csm_mlx.quantize import check_quantization
 
             try:
-                check_quantization(quantize, QUANTIZE_GROUP_SIZE, Model(ckpt.config))
+                check_quantization(quantize, QUANTIZE_GROUP_SIZE, SimpleNamespace(config=ckpt.config))
             except CsmError as exc:  # its fix names inference's --group-size, which training has not
                 problem = str(exc).split(";")[0]
                 raise CsmError(f"{problem}; QLoRA quantizes in groups of {QUANTIZE_GROUP_SIZE}: train this model "
@@ -107,6 +107,7 @@ class MlxTrainer(TrainingBackend):
         self.lora_regex: str | None = None
         self.lora_modules: list[str] = []
         if config.method == "lora":
+            mx.random.seed(config.seed)  # LoRA's A matrices
             self._inject_lora(model)
         names = [n for n, _ in tree_flatten(model.parameters())]
         self.full_names = full_training_names(config, names)
