@@ -101,8 +101,6 @@ def _write_codec(found: tuple[str, Path], ckpt: Checkpoint, to: str, tmp: Path, 
     """Mimi into the new folder: kyutai's file beside the weights for every layout but transformers
     (copied, or mapped from ``codec_model.*``). For transformers: returns (the ``codec_model.*``
     tensors to save inside, the codec_config that describes them)."""
-    from safetensors.torch import save_file
-
     from csm.mimi_names import original_to_transformers, transformers_to_original
 
     kind, location = found
@@ -110,6 +108,8 @@ def _write_codec(found: tuple[str, Path], ckpt: Checkpoint, to: str, tmp: Path, 
         if kind == KYUTAI_FILE:
             shutil.copy2(location, tmp / MIMI_FILE)
         else:
+            from safetensors.torch import save_file  # here only: a copy (an MLX run's) needs no torch
+
             heads = (read_codec_config(location) or {}).get("num_attention_heads") or KYUTAI_NUM_HEADS
             original = transformers_to_original(read_codec_state(location), num_heads=heads)
             save_file({k: v.contiguous() for k, v in original.items()}, str(tmp / MIMI_FILE))

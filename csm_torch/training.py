@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,53 +18,12 @@ from torch import nn
 
 from csm.checkpoint import Checkpoint
 from csm.errors import CsmError
-from csm.training.config import LORA_EXTRA_TARGETS, TrainConfig
+from csm.training.config import TrainConfig
 from csm.training.loop import LossScale, LossSums, TrainingBackend
 from csm.training.objective import Batch, FrameSelection
+from csm.training.targets import full_training_names, lora_target_regex, lr_scale, optimizer_group
 from csm_torch.loading import checkpoint_tensors, load_model, pick_device
 from csm_torch.model import Model
-
-# Which optimizer group a parameter belongs to (first match wins); the names are csm's.
-EMBEDDINGS = re.compile(r"^(text|audio)_embeddings\.")
-BACKBONE = re.compile(r"^(backbone\.|codebook0_head\.)")
-DECODER = re.compile(r"^(decoder\.|projection\.|audio_head$)")
-
-
-def lora_target_regex(config: TrainConfig) -> str:
-    """peft's `target_modules` as one anchored regex: only the named linear layers of the trained
-    stacks (a frozen stack gets no adapter)."""
-    stacks = [s for s, frozen in (("backbone", config.freeze_backbone), ("decoder", config.freeze_decoder))
-              if not frozen]
-    attn = [t for t in config.lora_targets if t in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    mlp = [t for t in config.lora_targets if t in ("gate_proj", "up_proj", "down_proj")]
-    layer_parts = [f"self_attn\\.({'|'.join(attn)})"] * bool(attn) + [f"mlp\\.({'|'.join(mlp)})"] * bool(mlp)
-    alternatives = []
-    if stacks and layer_parts:
-        alternatives.append(f"({'|'.join(stacks)})\\.layers\\.\\d+\\.({'|'.join(layer_parts)})")
-    extra = {"projection": not config.freeze_decoder, "codebook0_head": not config.freeze_backbone}
-    alternatives += [t for t in config.lora_targets if t in LORA_EXTRA_TARGETS and extra[t]]
-    if not alternatives:
-        raise CsmError("no LoRA target is left in a trained part of the model: check --lora-targets against "
-                       "--freeze-backbone / --freeze-decoder")
-    return "^(" + "|".join(alternatives) + ")$"
-
-
-def full_training_names(config: TrainConfig, names: list[str]) -> list[str]:
-    """Parameters trained in full: every one for full fine-tuning; in a LoRA run the heads and
-    projection with --train-heads; the embeddings with --train-embeddings; never a frozen stack's."""
-    chosen = []
-    for name in names:
-        if EMBEDDINGS.match(name):
-            if config.trains_embeddings:
-                chosen.append(name)
-            continue
-        in_backbone = bool(BACKBONE.match(name))
-        if (in_backbone and config.freeze_backbone) or (not in_backbone and config.freeze_decoder):
-            continue
-        is_head = name in ("codebook0_head.weight", "projection.weight", "audio_head")
-        if config.method == "full" or (is_head and config.train_heads):
-            chosen.append(name)
-    return chosen
 
 
 class ObjectiveModule(nn.Module):
@@ -193,12 +151,8 @@ class TorchTrainer(TrainingBackend):
         c = self.config
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for name, p in trainable:
-            bare = name.replace(".base_layer", "")
-            kind = "embeddings" if EMBEDDINGS.match(bare) else "backbone" if BACKBONE.match(bare) else "decoder"
-            decay = p.ndim >= 2  # no weight decay on norms' scales
-            groups.setdefault((kind, decay), []).append(p)
-        scales = {"backbone": c.backbone_lr_scale, "decoder": c.decoder_lr_scale, "embeddings": c.embeddings_lr_scale}
-        return [{"params": params, "lr_scale": scales[kind], "weight_decay": c.weight_decay if decay else 0.0,
+            groups.setdefault(optimizer_group(name.replace(".base_layer", ""), p.ndim), []).append(p)
+        return [{"params": params, "lr_scale": lr_scale(c, kind), "weight_decay": c.weight_decay if decay else 0.0,
                  "name": f"{kind}{'' if decay else '_no_decay'}"} for (kind, decay), params in groups.items()]
 
     # --- steps --------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import torch
 
 from csm.training.examples import Example, Turn
 from csm.training.tuner import CSMFineTuner
@@ -32,8 +31,11 @@ def parse(value: str):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     settings = dict(arg.split("=", 1) for arg in sys.argv[3:])
+    if settings.get("backend") != "mlx":  # an MLX run never touches torch
+        import torch
+
+        torch.set_num_threads(1)
     resume = settings.pop("resume", "false") == "true"
     tuner = CSMFineTuner(model_path=sys.argv[1], output_dir=sys.argv[2], precision="float32",
                          **{k: parse(v) for k, v in settings.items()})

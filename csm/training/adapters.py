@@ -583,17 +583,32 @@ def _to_torch(t: Any) -> Any:
 
 def _write_files(folder: Path, tensors: Mapping[str, Any], config: dict, info: dict) -> None:
     """The three files into `folder`, each written to a temporary file and renamed into place."""
-    from safetensors.torch import save_file
-
-    state = {k: _to_torch(v) for k, v in tensors.items()}
     try:
         texts = {name: json.dumps(data, indent=2, sort_keys=True) + "\n"
                  for name, data in ((CONFIG_FILE, config), (CSM_FILE, info))}
     except (TypeError, ValueError) as exc:
         raise CsmError(f"the adapter's description must be plain JSON values ({exc})") from None
-    _atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    _atomic(folder / WEIGHTS_FILE, lambda tmp: _save_safetensors(tensors, tmp))
     for name, text in texts.items():
         _atomic(folder / name, lambda tmp, text=text: tmp.write_text(text))
+
+
+def _save_safetensors(tensors: Mapping[str, Any], path: Path) -> None:
+    """torch tensors (or mx bfloat16 ones, which numpy cannot hold) through safetensors' torch
+    writer; numpy and other mx arrays through its numpy writer, so that a run without torch
+    (MLX training) never imports it. The file is the same either way."""
+    import numpy as np
+
+    if any(_framework(v) == "torch" or (_framework(v) == "mlx" and "bfloat16" in str(v.dtype))
+           for v in tensors.values()):
+        from safetensors.torch import save_file
+
+        save_file({k: _to_torch(v) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    else:
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}, str(path),
+                  metadata={"format": "pt"})
 
 
 def _atomic(path: Path, write) -> None:

@@ -94,6 +94,8 @@ class TrainConfig:
     # --- where it runs ---
     backend: str = field(default="auto", metadata={"help": "auto, torch or mlx"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu or mps (default: the best there is)"})
+    quantize: int | None = field(default=None, metadata={
+        "help": "QLoRA: hold the frozen base in 4 or 8 bits (MLX backend, LoRA only)"})
     normalize_loudness: bool = field(default=False, metadata={"help": "normalise each clip to -23 LUFS"})
     max_clip_seconds: float = field(default=30.0, metadata={
         "help": "refuse longer clips (a JSONL manifest's start/end cut long recordings into turns)"})
@@ -134,6 +136,12 @@ class TrainConfig:
         need(self.patience is None or self.patience >= 0, "patience must be 0 or more")
         need(self.save_every >= 1, "save_every must be at least 1")
         need(self.max_clip_seconds > 0, "max_clip_seconds must be positive")
+        need(self.quantize in (None, 4, 8), f"quantize must be 4 or 8 bits, got {self.quantize!r}")
+        need(self.quantize is None or self.method == "lora",
+             "quantize (QLoRA) keeps the base frozen: use it with --method lora, or drop --quantize")
+        need(self.quantize is None or not (self.train_heads or self.trains_embeddings),
+             "a quantized base cannot train the heads or embeddings in full: drop --train-heads / "
+             "--train-embeddings, or drop --quantize")
 
     @property
     def trains_embeddings(self) -> bool:

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from csm.checkpoint import open_checkpoint
 from csm.convert import TOKENIZER_FILES, _find_mimi, _write_codec
 from csm.hub import resolve_model
@@ -17,17 +19,14 @@ from csm.mimi_files import MIMI_FILE
 
 
 def write_model_folder(out_dir: Path, state: dict[str, Any], base_model: str) -> Path:
-    """`state`: every csm parameter (torch tensors). Each file lands atomically; other files in
-    `out_dir` (checkpoints, logs) are left alone."""
-    from safetensors.torch import save_file
-
+    """`state`: every csm parameter (torch tensors, or numpy arrays from a run without torch).
+    Each file lands atomically; other files in `out_dir` (checkpoints, logs) are left alone."""
     base = open_checkpoint(resolve_model(base_model))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out_dir))
     try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        _save_state(state, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(base.config.to_dict(), indent=2) + "\n")
         for name in TOKENIZER_FILES:
             if (base.root / name).is_file():
@@ -40,3 +39,16 @@ def write_model_folder(out_dir: Path, state: dict[str, Any], base_model: str) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _save_state(state: dict[str, Any], path: Path) -> None:
+    """numpy arrays through safetensors' numpy writer (no torch import), torch tensors through its
+    torch writer; the file is the same."""
+    if all(isinstance(v, np.ndarray) for v in state.values()):
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})

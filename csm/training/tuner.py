@@ -83,16 +83,30 @@ class CSMFineTuner:
     def _build(self):
         if self._backend is None:
             ckpt = self._open()
-            name = select_backend(self.config.backend) if self.config.backend != "auto" else "torch"
-            if name != "torch":
-                raise CsmError("fine-tuning on MLX is not available yet; use --backend torch")
-            from csm_torch.training import TorchTrainer
-
+            name = self.backend_name
+            if name == "torch" and self.config.quantize is not None:
+                raise CsmError("QLoRA (--quantize) runs on the MLX backend; add --backend mlx, or drop --quantize")
             base_model = _base_model_reference(self.config.model_path)
             if self._adapter is not None:
                 base_model = str(self._ckpt.root)
-            self._backend = TorchTrainer(self.config, ckpt, base_model=base_model, adapter=self._adapter)
+            if name == "mlx":
+                try:
+                    from csm_mlx.training import MlxTrainer
+                except ImportError as exc:
+                    raise CsmError(f"fine-tuning on MLX needs mlx and mlx-lm ({exc}); install the mlx extra "
+                                   "(pip install 'csm-speech[mlx]'), or use --backend torch") from None
+                self._backend = MlxTrainer(self.config, ckpt, base_model=base_model, adapter=self._adapter)
+            else:
+                from csm_torch.training import TorchTrainer
+
+                self._backend = TorchTrainer(self.config, ckpt, base_model=base_model, adapter=self._adapter)
         return self._backend
+
+    @property
+    def backend_name(self) -> str:
+        """The framework the run trains on: --backend, or for auto MLX on Apple Silicon (with MLX
+        installed) and PyTorch elsewhere."""
+        return select_backend(self.config.backend)
 
     # --- data --------------------------------------------------------------------------------------
     def frames(self, dataset: Any, split: str = "train") -> list[TrainingFrames]:
@@ -129,8 +143,8 @@ class CSMFineTuner:
                 self._backend.config = self.config  # the model and optimizer stay as prepared
             else:
                 self._backend = None
-        if self.config.backend not in ("auto", "torch"):
-            self._build()  # refuses a backend that cannot train yet, before any data is prepared
+        if self.config.quantize is not None:
+            self._build()  # refuses QLoRA off MLX (or a base it cannot quantize) before any data is prepared
         self._open()
         if self._adapter is not None and self.config.method == "lora":
             raise CsmError(f"{self.config.model_path} is a LoRA adapter: a second adapter on top of it could not be "
@@ -181,7 +195,7 @@ class CSMFineTuner:
 
         weights = self.output_dir / "checkpoints" / "sampling"
         self._backend.save_weights(weights)
-        voice = csm.load(str(weights), backend="torch", device=str(self._backend.device), dtype="float32")
+        voice = csm.load(str(weights), backend=self.backend_name, device=str(self._backend.device), dtype="float32")
         samples = self.output_dir / "samples"
         samples.mkdir(exist_ok=True)
         for i, text in enumerate(self.config.sample_prompts):
