@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import click
 from csm.checkpoint import Checkpoint, iter_tensors, open_checkpoint, tensor_shapes
 from csm.config import flavor_name, to_official_dict, to_transformers_dict
 from csm.errors import CheckpointError, CsmError
+from csm.files import folder_atomic
 from csm.hub import resolve_model
 from csm.mimi_files import (
     CODEC_PREFIX,
@@ -169,9 +169,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
         t = t if target is None or not t.is_floating_point() else t.to(target)
         return t.contiguous()
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with folder_atomic(dst) as tmp:
         codec, codec_config = _write_codec(found_mimi, ckpt, to, tmp, cast) if found_mimi else ({}, None)
         if to == "mlx":
             _write_mlx(ckpt, tmp, dtype, quantize, group_size, adapter)
@@ -184,12 +182,6 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None,
         for name in TOKENIZER_FILES:
             if (ckpt.root / name).is_file():
                 shutil.copy2(ckpt.root / name, tmp / name)
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

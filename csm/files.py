@@ -1,11 +1,14 @@
-"""Writing a file so that a reader never sees half of it: a temporary file beside it, renamed
-into place."""
+"""Writing a file (or a folder) so that a reader never sees half of it: a temporary one beside
+it, renamed into place."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +29,23 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     return write_bytes_atomic(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+@contextmanager
+def folder_atomic(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder in a temporary one beside `path` (the block gets its path) and put it in
+    place whole when the block ends, replacing what was at `path`; on an error, or an interrupt,
+    `path` is left as it was and the temporary folder is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -261,16 +261,12 @@ class MlxTrainer(TrainingBackend):
         state = self.trainable_state()
         as_numpy = lambda a: np.array(a.astype(mx.float32))  # noqa: E731
         if self.config.method == "lora":
-            from csm.training.adapters import write_adapter
+            from csm.training.outputs import write_run_adapter
 
             lora = {m: (as_numpy(state[f"{m}.lora_a"].T), as_numpy(state[f"{m}.lora_b"].T))
                     for m in self.lora_modules}
             full = {n: as_numpy(state[n]) for n in self.full_names}
-            write_adapter(out_dir, lora, alpha=self.config.lora_alpha, rank=self.config.lora_rank,
-                          dropout=self.config.lora_dropout, target_modules=self.lora_regex,
-                          base_model=self.base_model, full=full or None,
-                          info={"speaker_id": self.config.speaker_id, "method": "lora",
-                                "style_name": self.config.style_name})
+            write_run_adapter(out_dir, self.config, lora, full, self.lora_regex, self.base_model)
         else:
             from csm.training.outputs import write_model_folder
 

@@ -230,18 +230,14 @@ class TorchTrainer(TrainingBackend):
     def save_weights(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.config.method == "lora":
-            from csm.training.adapters import write_adapter
+            from csm.training.outputs import write_run_adapter
 
             named = dict(self.model.named_modules())
             lora = {m: (named[m].lora_A["default"].weight.detach().float().cpu(),
                         named[m].lora_B["default"].weight.detach().float().cpu()) for m in self.lora_modules}
             full = {n.replace(".base_layer", ""): self.model.get_parameter(n).detach().float().cpu()
                     for n in self.full_names}
-            write_adapter(out_dir, lora, alpha=self.config.lora_alpha, rank=self.config.lora_rank,
-                          dropout=self.config.lora_dropout, target_modules=self.lora_regex,
-                          base_model=self.base_model, full=full or None,
-                          info={"speaker_id": self.config.speaker_id, "method": "lora",
-                                "style_name": self.config.style_name})
+            write_run_adapter(out_dir, self.config, lora, full, self.lora_regex, self.base_model)
         else:
             from csm.training.outputs import write_model_folder
 

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import Any
 from csm.checkpoint import SAFETENSORS_INDEX
 from csm.config import CsmConfig
 from csm.errors import CheckpointError, CsmError, read_json
+from csm.files import folder_atomic
 from csm.weights import TIED_COPIES, expected_shapes, from_csm_name, to_csm_name
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -457,6 +457,28 @@ def _cast(t: Any, dtype: Any) -> Any:
 
 # --- writing ---------------------------------------------------------------------------------------
 
+def check_adapter_tensors(lora: Mapping[str, tuple[Any, Any]], full: Mapping[str, Any] | None,
+                          rank: int) -> dict[str, Any]:
+    """What an adapter of either layout may hold, checked: csm names, A [rank, in] and B [out,
+    rank] for each LoRA module, no module both adapted and trained in full, not nothing.
+    Returns `full` as a dict."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise CsmError(f"rank must be a positive whole number, got {rank!r}")
+    full = dict(full or {})
+    for module, (a, b) in lora.items():
+        _check_csm_name(f"{module}.weight", "LoRA module")
+        if module + ".weight" in full:
+            raise CsmError(f"{module!r} is both trained in full and given a LoRA; give it one or the other")
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise CsmError(f"LoRA for {module!r} has shapes A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                           f"expected A [{rank}, in] and B [out, {rank}]")
+    for name in full:
+        _check_csm_name(name, "fully trained tensor")
+    if not lora and not full:
+        raise CsmError("the adapter would be empty: give LoRA weights or tensors trained in full")
+    return full
+
+
 def write_adapter(out_dir: str | Path, lora: Mapping[str, tuple[Any, Any]], *, alpha: float, rank: int,
                   dropout: float = 0.0, target_modules: str | list[str], base_model: str | Path,
                   full: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None,
@@ -468,25 +490,13 @@ def write_adapter(out_dir: str | Path, lora: Mapping[str, tuple[Any, Any]], *, a
     then a config listing the renamed modules exactly. `info`: free-form facts for csm_adapter.json."""
     if names not in NAMES:
         raise CsmError(f"unknown names {names!r}; use one of {', '.join(NAMES)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise CsmError(f"rank must be a positive whole number, got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
         raise CsmError(f"alpha must be a positive number, got {alpha!r}")
-    full = dict(full or {})
+    full = check_adapter_tensors(lora, full, rank)
     tensors: dict[str, Any] = {}
     for module, (a, b) in lora.items():
-        _check_csm_name(f"{module}.weight", "LoRA module")
-        if module + ".weight" in full:
-            raise CsmError(f"{module!r} is both trained in full and given a LoRA; give it one or the other")
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise CsmError(f"LoRA for {module!r} has shapes A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                           f"expected A [{rank}, in] and B [out, {rank}]")
         tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = a, b
-    for name, tensor in full.items():
-        _check_csm_name(name, "fully trained tensor")
-        tensors[name] = tensor
-    if not tensors:
-        raise CsmError("the adapter would be empty: give LoRA weights or tensors trained in full")
+    tensors.update(full)
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": _base_model_string(base_model),
         "revision": None, "inference_mode": True, "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
@@ -655,9 +665,7 @@ def convert_adapter(src: str | Path, dst: str | Path, to: str, force: bool = Fal
         adapter.base_model = str((adapter.path / base).resolve())
     adapter.info = {**adapter.info, "base_model": adapter.base_model}
     adapter.config = {**adapter.config, "base_model_name_or_path": adapter.base_model}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with folder_atomic(dst) as tmp:
         if to == "mlx":
             from csm.training.mlx_adapters import write_adapter_as_mlx
 
@@ -671,17 +679,7 @@ def convert_adapter(src: str | Path, dst: str | Path, to: str, force: bool = Fal
                 adapter.info["lora_scale"] = exact
             tensors, config, info = _renamed(adapter, "csm" if to == "peft" else to)
             _write_files(tmp, {PEFT_PREFIX + k: v for k, v in tensors.items()}, config, info)
-        _replace_folder(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
-
-
-def _replace_folder(new: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-    new.rename(dst)
 
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, model_path: str | Path | None = None,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +41,7 @@ from csm.config import (
     transformers_stack,
 )
 from csm.errors import CsmError, read_json
+from csm.files import folder_atomic
 from csm.mimi_files import CODEBOOK_SIZE, MIMI_FILE
 from csm.text import TOKENIZER_FILE, TextTokenizer
 from csm.weights import check_complete, csm_tensors, expected_shapes
@@ -135,16 +135,8 @@ def init_model(out_dir: str | os.PathLike, preset: str | CsmConfig | None = None
         state[name] = t.to(cast)
     check_complete({k: tuple(v.shape) for k, v in state.items()}, config, "the new model")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with folder_atomic(out_dir) as tmp:
         _write_folder(tmp, config, state, tokenizer_file, mimi, base_ckpt)
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

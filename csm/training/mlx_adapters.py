@@ -194,24 +194,11 @@ def write_mlx_adapter(out_dir: str | Path, lora: Mapping[str, tuple[Any, Any]], 
     (written transposed, as mlx-lm's lora_a / lora_b); `scale`: mlx-lm's multiplier (peft's
     alpha / rank); `full`: csm parameter name -> tensor trained in full. Tensors may be torch,
     numpy or mx. `info`: free-form facts for csm_adapter.json."""
-    from csm.training.adapters import _base_model_string, _check_csm_name
+    from csm.training.adapters import _base_model_string, check_adapter_tensors
 
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise CsmError(f"rank must be a positive whole number, got {rank!r}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise CsmError(f"scale must be a number (mlx-lm's multiplier, alpha / rank), got {scale!r}")
-    full = dict(full or {})
-    for module, (a, b) in lora.items():
-        _check_csm_name(f"{module}.weight", "LoRA module")
-        if module + ".weight" in full:
-            raise CsmError(f"{module!r} is both trained in full and given a LoRA; give it one or the other")
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise CsmError(f"LoRA for {module!r} has shapes A {tuple(a.shape)}, B {tuple(b.shape)}; "
-                           f"expected A [{rank}, in] and B [out, {rank}]")
-    for name in full:
-        _check_csm_name(name, "fully trained tensor")
-    if not lora and not full:
-        raise CsmError("the adapter would be empty: give LoRA weights or tensors trained in full")
+    full = check_adapter_tensors(lora, full, rank)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_mlx_files(out, lora, full, rank=rank, scale=float(scale), dropout=dropout,

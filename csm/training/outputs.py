@@ -1,4 +1,5 @@
-"""A fully fine-tuned model as a model folder in this project's format, loadable everywhere:
+"""What a run leaves in its output folder, loadable everywhere: a LoRA run's adapter
+(`write_run_adapter`), or a fully fine-tuned model as a model folder in this project's format:
 `model.safetensors` (csm names) and `config.json`, with the base model's tokenizer and Mimi."""
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ from csm.checkpoint import open_checkpoint
 from csm.convert import TOKENIZER_FILES, _find_mimi, _write_codec
 from csm.hub import resolve_model
 from csm.mimi_files import MIMI_FILE
+
+
+def write_run_adapter(out_dir: Path, config, lora: dict[str, tuple[Any, Any]], full: dict[str, Any],
+                      target_modules: str, base_model: str) -> Path:
+    """A LoRA run's result, the same from every backend: `lora` csm module -> (A [r, in], B [out, r]),
+    `full` the tensors trained in full beside it, with the run's LoRA settings and speaker."""
+    from csm.training.adapters import write_adapter
+
+    return write_adapter(out_dir, lora, alpha=config.lora_alpha, rank=config.lora_rank, dropout=config.lora_dropout,
+                         target_modules=target_modules, base_model=base_model, full=full or None,
+                         info={"speaker_id": config.speaker_id, "method": "lora", "style_name": config.style_name})
 
 
 def write_model_folder(out_dir: Path, state: dict[str, Any], base_model: str) -> Path:
