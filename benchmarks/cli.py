@@ -11,11 +11,14 @@ same run, as the reference.
     python -m benchmarks --model unsloth/csm-1b --device cuda             # a real checkpoint
 
 Fine-tuning (`--task train`): optimizer steps/s, audio seconds trained per second, peak memory
-and trainable parameters of csm's LoRA and full fine-tuning (the real TorchTrainer) against
-transformers' model with peft LoRA and in full, on the same random weights and one fixed batch
-of synthetic clips (bf16 autocast on CUDA, float32 on CPUs):
+and trainable parameters of csm's LoRA and full fine-tuning (the real TorchTrainer; MlxTrainer
+with LoRA, QLoRA on a 4-bit base and in full on MLX) against transformers' model with peft LoRA
+and in full, on the same random weights and one fixed batch of synthetic clips (bf16 autocast on
+CUDA, float32 on CPUs):
 
     python -m benchmarks --task train --preset small --device cpu --threads 1 --batch 2 --clip-seconds 4 --steps 8
+    python -m benchmarks --task train --preset csm-1b --impl csm-mlx-lora csm-mlx-qlora4 csm-mlx-full \\
+        --batch 4 --clip-seconds 10 --steps 5     # on a Mac: MLX on the Apple GPU
     python -m benchmarks --task train --preset csm-1b --device cuda --batch 8 --clip-seconds 10 --steps 10
 
 (the first is RESULTS.md's CPU section; add `--decoder-fraction 1 --impl csm-lora csm-full` for
@@ -530,6 +533,8 @@ def train_rows(a: argparse.Namespace, command: str, log) -> list[dict]:
     a.preset = a.preset or defaults.preset
     source = model_source(a)
     impls = [trainers.IMPLS[name] for name in a.impl or trainers.IMPLS]
+    if not a.impl and not mlx_installed():
+        impls = [i for i in impls if i.library != "csm-mlx"]
     rows = []
     for dtype in a.dtype or default_dtypes(device):
         settings = trainers.TrainSettings(device, dtype, a.lora_rank, a.decoder_fraction, a.seed)

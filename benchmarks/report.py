@@ -29,7 +29,8 @@ TRAIN_ROW_FIELDS = (
     "task", "impl", "backend", "label", "device", "dtype", "batch", "clip_seconds", "model", "method", "lora_rank",
     "decoder_fraction", "trainable_params", "positions_per_example", "trained_frames_per_step",
     "decoder_frames_per_step", "warmup_steps", "steps_timed", "setup_s", "steps_per_s", "ms_per_step",
-    "audio_s_per_s", "peak_memory_gb", "peak_memory_kind", "loss", "versions", "date", "command", "error", "notes",
+    "audio_s_per_s", "peak_memory_gb", "peak_memory_kind", "mlx_peak_memory_gb", "loss", "versions", "date", "command",
+    "error", "notes",
 )
 # the figures every successful training row has, all positive
 TRAIN_MEASURED = ("trainable_params", "steps_per_s", "ms_per_step", "audio_s_per_s", "peak_memory_gb", "loss")
@@ -109,6 +110,7 @@ TRAIN_TABLE_COLUMNS = (
     ("audio s/s", lambda r: _fmt(r["audio_s_per_s"], 2)),
     ("ms/step", lambda r: _fmt(r["ms_per_step"], 0)),
     ("peak GB", lambda r: _fmt(r["peak_memory_gb"], 2)),
+    ("MLX peak GB", lambda r: _fmt(r.get("mlx_peak_memory_gb"), 2)),
     ("setup s", lambda r: _fmt(r["setup_s"])),
     ("loss", lambda r: _fmt(r["loss"], 3)),
     ("notes", lambda r: r["error"] or r["notes"] or ""),
@@ -177,7 +179,9 @@ def train_section(rows: list[dict]) -> str:
         f"of random Mimi codes after a short text: {batch['positions_per_example']} positions and "
         f"{batch['trained_frames_per_step'] // batch['batch']} trained frames (EOS included) per clip; "
         f"{batch['warmup_steps']} warm-up steps, then {batch['steps_timed']} optimizer steps timed. "
-        f"Audio s/s = trained frames x 80 ms per second. Peak memory: {batch['peak_memory_kind']}.",
+        f"Audio s/s = trained frames x 80 ms per second. Peak memory: {batch['peak_memory_kind']}"
+        + ("; MLX peak: mx.get_peak_memory() over the steps (every MLX array, weights included)."
+           if any(r.get("mlx_peak_memory_gb") is not None for r in rows) else "."),
         "",
         markdown_table(rows),
         "",

@@ -10,7 +10,8 @@ frame, EOS frames included: the same count for every row) at 80 ms each.
 Peak memory is a row's growth over what the process held just before it built its model: the
 weights, gradients, optimizer state and activations, not a transient copy made while loading
 (the peak is reset once the model is built). On CUDA torch.cuda.max_memory_allocated; on a CPU
-the process's peak resident size (Linux resets it per row: `measure.ProcessMemory`).
+the process's peak resident size (Linux resets it per row: `measure.ProcessMemory`). MLX rows
+also give `mx.get_peak_memory()` over the timed steps: every MLX array, the weights included.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def base_row(impl: trainers.TrainImpl, batch: int, clip_seconds: float, source: 
         "task": "train", "impl": impl.name, "backend": impl.library, "label": impl.label, "device": device_name,
         "dtype": settings.dtype, "batch": batch, "clip_seconds": clip_seconds, "model": source.label,
         "method": impl.method, "lora_rank": settings.lora_rank if impl.method == "lora" else None,
-        "decoder_fraction": settings.decoder_fraction if impl.library == "csm" else 1.0,
+        "decoder_fraction": settings.decoder_fraction if impl.library != "transformers" else 1.0,
         "peak_memory_kind": f"growth of {meter.kind} over the row's start",
         "versions": report.versions(), "date": report.today(), "command": command,
     }
@@ -76,6 +77,8 @@ def measure_steps(impl: trainers.TrainImpl, folder: Path, frames, settings: trai
         trainer = trainers.build(impl, folder, frames, settings)
         release_memory(settings.device)  # what loading freed is not the training's
         meter.reset()
+        if hasattr(trainer, "reset_mlx_peak"):
+            trainer.reset_mlx_peak()
         for _ in range(warmup_steps):
             trainer.step()
         trainer.sync()
@@ -86,6 +89,7 @@ def measure_steps(impl: trainers.TrainImpl, folder: Path, frames, settings: trai
         trainer.sync()
         elapsed = time.perf_counter() - t
         peak = meter.peak()
+        mlx_peak = trainer.mlx_peak_memory() if hasattr(trainer, "mlx_peak_memory") else None
     except Exception as exc:
         return {"error": report.first_line(exc)}
     finally:
@@ -99,6 +103,8 @@ def measure_steps(impl: trainers.TrainImpl, folder: Path, frames, settings: trai
         "steps_per_s": steps / elapsed, "ms_per_step": 1000 * elapsed / steps,
         "audio_s_per_s": steps * trained * FRAME_MS / 1000 / elapsed,
         "peak_memory_gb": (peak - held_before) / 1e9, "loss": trainer.last_loss,
+        # MLX rows: its arrays' peak (weights included), what bounds a Mac's unified memory
+        "mlx_peak_memory_gb": None if mlx_peak is None else mlx_peak / 1e9,
     }
     del trainer
     return figures

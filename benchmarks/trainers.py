@@ -4,7 +4,9 @@ A trainer is built on the benchmark's checkpoint folder and one fixed batch; `st
 optimizer step on that batch (forward, backward, clipping, AdamW), `sync()` waits for the
 device. The measurement (`benchmarks.train_task`) knows nothing else about them.
 
-- csm's rows go through the real `TorchTrainer` (built by `CSMFineTuner`) and make exactly the
+- csm's rows go through the real `TorchTrainer` or `MlxTrainer` (built by `CSMFineTuner`, on
+  torch's device or MLX's default one: the Apple GPU on a Mac, the CPU elsewhere; `csm-mlx-qlora4`
+  on a 4-bit base) and make exactly the
   calls `csm.training.loop.run_training` makes for one optimizer step on one process: collate,
   choose the frames, `train_micro_batch`, `optimizer_step`. Left out: the metrics record and the
   checkpoint writes (every 100 steps by default), which are not the step.
@@ -37,14 +39,18 @@ from csm.training.objective import collate, select_frames
 @dataclass(frozen=True)
 class TrainImpl:
     name: str
-    library: str  # "csm" or "transformers"
+    library: str  # "csm" (torch), "csm-mlx" or "transformers"
     method: str  # "lora" or "full"
     label: str
+    quantize: int | None = None  # bits of a QLoRA base (MLX)
 
 
 IMPLS = {i.name: i for i in (
     TrainImpl("csm-lora", "csm", "lora", "csm LoRA (TorchTrainer)"),
     TrainImpl("csm-full", "csm", "full", "csm full fine-tune (TorchTrainer)"),
+    TrainImpl("csm-mlx-lora", "csm-mlx", "lora", "csm LoRA on MLX (MlxTrainer)"),
+    TrainImpl("csm-mlx-qlora4", "csm-mlx", "lora", "csm QLoRA, 4-bit base, on MLX (MlxTrainer)", quantize=4),
+    TrainImpl("csm-mlx-full", "csm-mlx", "full", "csm full fine-tune on MLX (MlxTrainer)"),
     TrainImpl("transformers-peft", "transformers", "lora", "transformers + peft LoRA"),
     TrainImpl("transformers-full", "transformers", "full", "transformers full fine-tune"),
 )}
@@ -66,16 +72,20 @@ class TrainSettings:
 
 
 class CsmTrainer:
-    """csm's `TorchTrainer`, stepped as `run_training` steps it."""
+    """csm's `TorchTrainer` or `MlxTrainer`, stepped as `run_training` steps it."""
 
     def __init__(self, impl: TrainImpl, folder: Path, frames: list[TrainingFrames], settings: TrainSettings):
         from csm.training.tuner import CSMFineTuner
 
+        self.mlx = impl.library == "csm-mlx"
+        # MLX trains on its default device (the Apple GPU; the CPU elsewhere) unless the run is a CPU's
+        device = settings.device if not self.mlx or settings.device == "cpu" else None
         self._out = tempfile.TemporaryDirectory()  # the tuner needs one; building writes nothing
         tuner = CSMFineTuner(model_path=str(folder), output_dir=self._out.name, method=impl.method,
                              precision=settings.dtype, lora_rank=settings.lora_rank,
                              decoder_fraction=settings.decoder_fraction, seed=settings.seed,
-                             device=settings.device, batch_size=len(frames))
+                             device=device, batch_size=len(frames), backend="mlx" if self.mlx else "torch",
+                             quantize=impl.quantize)
         self.config = tuner.config
         self.backend = tuner._build()
         self.frames = frames
@@ -102,7 +112,26 @@ class CsmTrainer:
         self.steps_done += 1
 
     def sync(self) -> None:
-        _sync(self.device)
+        if self.mlx:
+            import mlx.core as mx
+
+            mx.synchronize()  # the optimizer step evaluated the weights; wait for the device too
+        else:
+            _sync(self.device)
+
+    def mlx_peak_memory(self) -> int | None:
+        """MLX's own high-water mark of its arrays (the Apple GPU's memory is not the process's RSS)."""
+        if not self.mlx:
+            return None
+        import mlx.core as mx
+
+        return int(mx.get_peak_memory())
+
+    def reset_mlx_peak(self) -> None:
+        if self.mlx:
+            import mlx.core as mx
+
+            mx.reset_peak_memory()
 
     def close(self) -> None:
         self._out.cleanup()
@@ -197,7 +226,7 @@ def import_libraries() -> None:
 
 
 def build(impl: TrainImpl, folder: Path, frames: list[TrainingFrames], settings: TrainSettings):
-    cls = CsmTrainer if impl.library == "csm" else TransformersTrainer
+    cls = TransformersTrainer if impl.library == "transformers" else CsmTrainer
     return cls(impl, folder, frames, settings)
 
 

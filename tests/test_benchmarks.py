@@ -110,8 +110,12 @@ def train_run(tmp_path_factory):
 
 def test_train_rows_have_every_field_and_positive_figures(train_run):
     rows, _ = train_run
-    assert [r["impl"] for r in rows] == ["csm-lora", "csm-full", "transformers-peft", "transformers-full"]
+    assert [r["impl"] for r in rows] == ["csm-lora", "csm-full", "csm-mlx-lora", "csm-mlx-qlora4", "csm-mlx-full",
+                                         "transformers-peft", "transformers-full"]
     for row in rows:
+        # MLX rows also give MLX's own peak (the Apple GPU's memory is not the process's)
+        assert (row["mlx_peak_memory_gb"] is not None and row["mlx_peak_memory_gb"] > 0) is \
+            (row["backend"] == "csm-mlx"), row["impl"]
         assert set(row) == set(report.TRAIN_ROW_FIELDS), row["impl"]
         assert row["error"] is None, row["error"]
         assert row["task"] == "train" and row["dtype"] == "float32" and row["batch"] == 2
@@ -127,6 +131,11 @@ def test_train_rows_train_the_same_parameters_on_the_same_frames(train_run):
     rows = {r["impl"]: r for r in train_run[0]}
     assert rows["csm-lora"]["trainable_params"] == rows["transformers-peft"]["trainable_params"]
     assert rows["csm-full"]["trainable_params"] == rows["transformers-full"]["trainable_params"]
+    # MLX trains exactly torch's parameters, a 4-bit base changing none of them
+    assert rows["csm-lora"]["trainable_params"] == rows["csm-mlx-lora"]["trainable_params"] \
+        == rows["csm-mlx-qlora4"]["trainable_params"]
+    assert rows["csm-full"]["trainable_params"] == rows["csm-mlx-full"]["trainable_params"]
+    assert rows["csm-mlx-qlora4"]["mlx_peak_memory_gb"] < rows["csm-mlx-lora"]["mlx_peak_memory_gb"]
     assert rows["csm-lora"]["trainable_params"] < rows["csm-full"]["trainable_params"]
     frames = {r["trained_frames_per_step"] for r in rows.values()}
     assert len(frames) == 1 and frames.pop() == 2 * (round(0.5 / 0.08) + 1)  # each clip's frames and its EOS
