@@ -84,14 +84,20 @@ def trained(tiny_model_dir, tmp_path_factory):
     """A peft LoRA on csm's Model (random non-zero lora_B, codebook0_head and audio_head trained in
     full), its unmerged logits, and the adapter folder write_adapter made of it."""
     model = base_model(tiny_model_dir)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(target_modules=TARGETS, r=4, lora_alpha=8,
-                                                            modules_to_save=["codebook0_head"]))
+    with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator: the same whatever ran before
+        torch.manual_seed(0)
+        peft_model = peft.get_peft_model(model, peft.LoraConfig(target_modules=TARGETS, r=4, lora_alpha=8,
+                                                                modules_to_save=["codebook0_head"]))
     randomize_lora(peft_model)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         head = peft_model.base_model.model.codebook0_head.modules_to_save["default"].weight
         head.copy_(torch.randn(head.shape, generator=g) * 0.08)
         model.audio_head.copy_(torch.randn(model.audio_head.shape, generator=g) * 0.08)
+        # as in a trained model, the 3 spare ids above Mimi's 2048 codes are never the likeliest
+        # (greedy generation would stop with "the model emitted one of its spare ids")
+        head[2048:] = 0.0
+        model.audio_head[..., 2048:] = 0.0
         logits = model.forward_train(*batch(model.config))
     lora, full = as_lora_and_full(get_peft_model_state_dict(peft_model))
     full["audio_head"] = model.audio_head.detach().clone()

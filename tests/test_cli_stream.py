@@ -125,8 +125,8 @@ def test_stream_play_feeds_every_sample_in_order(tmp_path, base_args, fake_sound
     monkeypatch.chdir(tmp_path)
     main([str(a) for a in ["--text", "Hello there.", *base_args, "--no-watermark", "--stream", "--play",
                            "--first-chunk-frames", 1, "--chunk-frames", 2, "-o", "out.wav"]])
-    err = capsys.readouterr().err
-    assert "ran dry" not in err, err
+    # (whether playback ran dry depends on this machine's speed: the underrun count is tested with a
+    # device the test pulls itself, below; here every sample must arrive, in order, without a gap)
     (device,) = fake_sounddevice
     played, written = device.played, read(tmp_path / "out.wav")
     assert len(written) == 10 * 1920 and np.abs(written).max() > 0
