@@ -107,15 +107,16 @@ def test_config_run_writes_named_checkpoints_that_load(whole_run):
         assert audio.ndim == 1 and audio.size > 0
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"epoch": 3}, "unknown key(s) epoch"),
-    ({"learning_rate": "fast"}, "learning_rate must be a float"),
-    ({"epochs": 0}, "epochs must be at least 1"),
-    ({"model": {"preset": "huge"}}, "model preset must be one of"),
+@pytest.mark.parametrize(("change", "flags", "message"), [
+    ({"epoch": 3}, [], "unknown key(s) epoch"),
+    ({"learning_rate": "fast"}, [], "learning_rate must be a float"),
+    ({}, ["--epochs", "0"], "epochs must be at least 1"),  # a flag wins over the file
+    ({"model": {"preset": "huge"}}, [], "model preset must be one of"),
+    ({}, ["--init", "no-such-llama/"], "init must be 'random' or a Llama-3.x model folder"),
 ])
-def test_bad_setting_is_one_error_line(tiny_model_dir, prepared, tmp_path, capsys, change, message):
-    config = _config(tmp_path, tiny_model_dir, prepared) | change
-    code, err = _main(["--config", _write(tmp_path / "config.json", config)], capsys)
+def test_bad_setting_is_one_error_line(tmp_path, capsys, change, flags, message):
+    config = _config(tmp_path, tmp_path / "base", tmp_path / "data") | change  # refused before either is read
+    code, err = _main(["--config", _write(tmp_path / "config.json", config), *flags], capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "run").exists()  # refused before anything was written
 

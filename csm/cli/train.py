@@ -182,9 +182,9 @@ def command(config_file, resume, force, **given):
         checkpoint = Path(resume)
         if not checkpoint.is_file():
             raise CsmError(f"checkpoint not found: {checkpoint}")
-        if checkpoint.name != "checkpoint_latest.pt" or checkpoint.parent.name != "checkpoints":
+        if checkpoint.stem != "checkpoint_latest" or checkpoint.parent.name != "checkpoints":
             raise CsmError(f"{checkpoint} is not a run's checkpoints/checkpoint_latest.pt: a run resumes from its "
-                           "latest checkpoint (model_epoch*_step*.pt and best_model.pt hold no optimizer state)")
+                           "latest checkpoint (model_epoch*_step*.pt holds no optimizer state)")
         output_dir = checkpoint.parent.parent
         try:
             saved = json.loads((output_dir / RUN_FILE).read_text())
@@ -220,7 +220,9 @@ def command(config_file, resume, force, **given):
     if flags_logging.get("wandb") is not None:
         check_wandb()
     if resume is None and makes_new_model(model_settings):
-        if not force and output_dir.is_dir() and any(p.name != INITIAL_MODEL for p in output_dir.iterdir()):
+        # the first process checks (the others would see its files appear); the tuner checks again
+        first = int(os.environ.get("RANK", "0")) == 0
+        if first and not force and output_dir.is_dir() and any(p.name != INITIAL_MODEL for p in output_dir.iterdir()):
             raise CsmError(f"{output_dir} already exists and is not empty; pass --resume "
                            f"{output_dir / 'checkpoints' / 'checkpoint_latest.pt'} to continue its run or --force "
                            "to start over (a new model and new checkpoints)")
