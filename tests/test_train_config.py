@@ -148,3 +148,14 @@ def test_sigkilled_run_resumes_bit_exact(whole_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "step"' in line]
     assert steps == list(range(1, len(steps) + 1))  # the replayed steps were logged once
+
+
+def test_wandb_without_the_package_is_refused_up_front(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    config = _config(tmp_path, tmp_path / "base", tmp_path / "data")
+    code, err = _main(["--config", _write(tmp_path / "config.json", config), "--wandb", "csm-tests"], capsys)
+    assert code == 2 and err.startswith("error: --wandb needs the wandb package") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
