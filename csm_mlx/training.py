@@ -227,9 +227,10 @@ class MlxTrainer(TrainingBackend):
     def trainable_state(self) -> dict[str, mx.array]:
         return dict(tree_flatten(self.model.trainable_parameters()))
 
-    def save_checkpoint(self, path: Path, extra: dict[str, Any]) -> None:
+    def save_checkpoint(self, path: Path, extra: dict[str, Any], optimizer: bool = True) -> None:
         arrays = {f"trainable/{k}": v for k, v in self.trainable_state().items()}
-        arrays |= {f"optimizer/{k}": v for k, v in tree_flatten(self.optimizer.state)}
+        if optimizer:
+            arrays |= {f"optimizer/{k}": v for k, v in tree_flatten(self.optimizer.state)}
         # mx.save_safetensors names its file *.safetensors: the temporary one ends so too
         tmp = path.with_name(f".{path.stem}.tmp.safetensors")
         mx.save_safetensors(str(tmp), arrays, metadata={"extra": json.dumps(extra)})

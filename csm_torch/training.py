@@ -204,9 +204,16 @@ class TorchTrainer(TrainingBackend):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def save_checkpoint(self, path: Path, extra: dict[str, Any]) -> None:
-        state = {"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
-                 "extra": json.dumps(extra)}  # plain JSON: loadable with weights_only=True
+    def save_checkpoint(self, path: Path, extra: dict[str, Any], optimizer: bool = True) -> None:
+        state: dict[str, Any] = {"extra": json.dumps(extra)}  # plain JSON: loadable with weights_only=True
+        if self.config.method == "full":
+            # the whole model under "model" (csm's names), which `open_checkpoint` reads from a .pt:
+            # the file loads with csm.load(path, backbone_flavor=...); the trained ones are among them
+            state["model"] = {n: t.detach() for n, t in self.model.state_dict().items()}
+        else:
+            state["trainable"] = self.trainable_state()
+        if optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -218,13 +225,16 @@ class TorchTrainer(TrainingBackend):
             raise CsmError(f"cannot read the checkpoint {path}: {exc}") from None
         params = dict(self.model.named_parameters())
         trained = {n for n, p in params.items() if p.requires_grad}
+        if "model" in state:
+            state["trainable"] = {n: t for n, t in state["model"].items() if n in trained}
         if set(state["trainable"]) != trained:
             raise CsmError(f"{path} was written by a run with other trained parameters (method, targets or "
                            "freezing differ); resume with the same settings, or start anew with --force")
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # a snapshot has none: its weights alone
+            self.optimizer.load_state_dict(state["optimizer"])
         return json.loads(state["extra"])
 
     def save_weights(self, out_dir: Path) -> None:

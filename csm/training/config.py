@@ -208,6 +208,53 @@ def config_from(preset: str | None = None, file: str | Path | None = None, **ove
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A JSON (or YAML, when PyYAML is installed) object whose keys are TrainConfig fields,
     with '-' or '_' between words."""
+    data = parse_config_file(path)
+    unknown = sorted(k for k in data if k not in FIELDS)
+    if unknown:
+        raise CsmError(f"config file {path}: unknown key(s) {', '.join(unknown)}; known keys are the "
+                       "csm-finetune train flags (see csm-finetune train --help)")
+    return data
+
+
+def check_types(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` (TrainConfig fields) with each value checked against its field's type (a float field
+    takes an int, or a number written as a string, as YAML reads 1e-4); a wrong one is refused
+    naming the key, so no comparison in `validate` ever meets a value of the wrong kind."""
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for key, value in values.items():
+        hint = hints[key]
+        optional = type(None) in typing.get_args(hint)
+        kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        kind = kinds[0]
+        if value is None and optional:
+            out[key] = value
+            continue
+        if kind is float and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if typing.get_origin(kind) is list:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        elif kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            name = "a list of strings" if typing.get_origin(kind) is list else f"a {kind.__name__}"
+            raise CsmError(f"{where}: {key} must be {name}{' or null' if optional else ''}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def parse_config_file(path: str | Path) -> dict[str, Any]:
+    """The object a JSON (or YAML) settings file holds, '-' in its top-level keys read as '_'."""
     path = Path(path)
     if not path.is_file():
         raise CsmError(f"config file not found: {path}")
@@ -223,9 +270,4 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise CsmError(f"config file {path} cannot be parsed ({exc})") from None
     if not isinstance(data, dict):
         raise CsmError(f"config file {path} must hold an object of settings")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(k for k in data if k not in FIELDS)
-    if unknown:
-        raise CsmError(f"config file {path}: unknown key(s) {', '.join(unknown)}; known keys are the "
-                       "csm-finetune train flags (see csm-finetune train --help)")
-    return data
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

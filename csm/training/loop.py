@@ -113,8 +113,10 @@ class TrainingBackend(ABC):
         """Loss sums without gradients."""
 
     @abstractmethod
-    def save_checkpoint(self, path: Path, extra: dict[str, Any]) -> None:
-        """The trainable weights, the optimizer and `extra`, written atomically."""
+    def save_checkpoint(self, path: Path, extra: dict[str, Any], optimizer: bool = True) -> None:
+        """The trainable weights (a full run: the whole model, loadable by `csm.load`), the
+        optimizer (unless `optimizer` is False: a snapshot to load, not to resume) and `extra`,
+        written atomically."""
 
     @abstractmethod
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
@@ -249,7 +251,9 @@ def run_training(
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(WARMUP_SHARE * steps)
     state = RunState()
     latest = checkpoints / backend.checkpoint_name
-    best_state = checkpoints / backend.checkpoint_name.replace("latest", "best")
+    # one naming for every run: checkpoint_latest (resumable), best_model, model_epoch{E}_step{S}
+    suffix = Path(backend.checkpoint_name).suffix
+    best_state = checkpoints / f"best_model{suffix}"
     if resume:
         if not latest.is_file():
             raise CsmError(f"nothing to resume: {latest} does not exist (start without --resume)")
@@ -330,6 +334,10 @@ def run_training(
                 validate()
             if state.step % config.save_every == 0 and is_main:
                 checkpoint()
+                # a snapshot to keep: the weights (no optimizer, so it is half the size or less)
+                backend.save_checkpoint(checkpoints / f"model_epoch{state.epoch}_step{state.step}{suffix}",
+                                        {"version": CHECKPOINT_VERSION, "state": vars(state),
+                                         "config": config.to_dict()}, optimizer=False)
         if state.group >= len(groups):
             state.epoch, state.group = state.epoch + 1, 0
             if not config.eval_every:

@@ -38,7 +38,11 @@ RUN_SETTINGS = {"data", "audio_dir", "transcript_dir", "validation_data", "batch
 # what a run writes into its output folder; anything else there is the user's
 RUN_OUTPUTS = {"checkpoints", "metrics.jsonl", RUN_FILE, "data", "validation_data", "samples",
                "adapter_model.safetensors", "adapter_config.json", "csm_adapter.json", "model.safetensors",
-               "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "merged", MIMI_FILE}
+               "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "merged", MIMI_FILE,
+               "logs"}
+# what a new run (and --force) leaves in place: the prepared data, and the model csm-train created
+# there to train from (it is the run's input: without it nothing could start over)
+KEPT_OUTPUTS = ("data", "initial_model")
 
 
 class CSMFineTuner:
@@ -255,16 +259,16 @@ class CSMFineTuner:
             if not (out / "checkpoints").is_dir():
                 raise CsmError(f"nothing to resume in {out}: it has no checkpoints/ (start without --resume)")
             return
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(p.name != "initial_model" for p in out.iterdir()):
             if not force:
                 raise CsmError(f"{out} already exists and is not empty; pass --resume to continue its run or "
                                "--force to start over (its checkpoints are replaced)")
-            foreign = [p.name for p in out.iterdir() if p.name not in RUN_OUTPUTS]
+            foreign = [p.name for p in out.iterdir() if p.name not in RUN_OUTPUTS | set(KEPT_OUTPUTS)]
             if foreign:
                 raise CsmError(f"{out} holds files a run did not write ({', '.join(sorted(foreign)[:5])}); "
                                "choose another --output-dir")
             for p in out.iterdir():
-                if p.name != "data":  # the prepared data (and its code cache) stay valid
+                if p.name not in KEPT_OUTPUTS:  # the prepared data (and its code cache) stay valid
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         out.mkdir(parents=True, exist_ok=True)
 
