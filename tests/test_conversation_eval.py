@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -16,8 +14,9 @@ from csm.audio import resample
 from csm.conversation_eval import Conversation, conversations_from_dataset, evaluate_conversations
 from csm.errors import CsmError
 from csm.prompt import Segment
+from fakes.speech import FEMALE, MALE, require_espeak, speak
 
-pytest.importorskip("resemblyzer")
+pytest.importorskip("resemblyzer", reason="needs the eval extra: pip install 'csm-speech[eval]'")
 
 LINES = [
     (0, "Did you see the game last night?"),
@@ -36,16 +35,11 @@ def gen(tiny_model_dir):
 @pytest.fixture(scope="module")
 def talk(tmp_path_factory):
     """Four real turns, speaker 0 and 1 in two clearly different espeak voices, at 24 kHz."""
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        pytest.skip("espeak-ng not found (apt-get install espeak-ng): no offline speech")
+    require_espeak()
     folder = tmp_path_factory.mktemp("talk")
     turns = []
     for i, (speaker, text) in enumerate(LINES):
-        voice, extra = ("en-us", []) if speaker == 0 else ("en-us+f3", ["-p", "80"])
-        path = folder / f"{i}.wav"
-        subprocess.run([espeak, "-v", voice, *extra, "-w", str(path), text], check=True, capture_output=True)
-        audio, rate = sf.read(str(path), dtype="float32")
+        audio, rate = speak(folder / f"{i}.wav", text, MALE if speaker == 0 else FEMALE)
         turns.append(Segment(speaker, text, audio=resample(audio, rate, 24_000)))
     return Conversation("game", turns)
 

@@ -3,8 +3,6 @@ espeak-ng voices (made offline) for speaker similarity and silero-vad on speech.
 
 import json
 import math
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ pytest.importorskip("resemblyzer", reason="needs the eval extra: pip install 'cs
 pytest.importorskip("silero_vad", reason="needs the eval extra: pip install 'csm-speech[eval]'")
 
 from csm.evaluation import count_syllables, evaluate  # noqa: E402
+from fakes.speech import FEMALE, MALE, require_espeak, speak  # noqa: E402
 
 SR = 16_000
 
@@ -100,21 +99,17 @@ def test_bad_input_is_a_csm_error():
 
 @pytest.fixture(scope="module")
 def voices(tmp_path_factory):
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        pytest.skip("espeak-ng not found (apt-get install espeak-ng): no offline speech for the similarity tests")
+    require_espeak("no offline speech for the similarity tests")
     folder = tmp_path_factory.mktemp("espeak")
     lines = {
-        "a1": ("en-us", "The quick brown fox jumps over the lazy dog near the river bank."),
-        "a2": ("en-us", "Yesterday we walked to the market and bought some fresh bread."),
-        "b2": ("en-us+f3", "Yesterday we walked to the market and bought some fresh bread."),
+        "a1": (MALE, "The quick brown fox jumps over the lazy dog near the river bank."),
+        "a2": (MALE, "Yesterday we walked to the market and bought some fresh bread."),
+        "b2": (FEMALE, "Yesterday we walked to the market and bought some fresh bread."),
     }
     out = {}
     for name, (voice, text) in lines.items():
         path = folder / f"{name}.wav"
-        extra = ["-p", "80"] if "+f" in voice else []
-        subprocess.run([espeak, "-v", voice, *extra, "-w", str(path), text], check=True, capture_output=True)
-        audio, rate = sf.read(str(path), dtype="float32")
+        audio, rate = speak(path, text, voice)
         loud = np.flatnonzero(np.abs(audio) > 1e-3)  # espeak pads its clips with silence: trim it
         audio = audio[loud[0]:loud[-1] + 1]
         sf.write(str(path), audio, rate)

@@ -25,7 +25,7 @@ from csm.training.adapters import (
 from csm.training.mlx_adapters import MLX_FULL_FILE, MLX_WEIGHTS_FILE, alpha_for, write_mlx_adapter
 from test_adapters import run_command
 
-mx = pytest.importorskip("mlx.core")
+mx = pytest.importorskip("mlx.core", reason="needs the mlx extra (MLX; its Linux CPU build is mlx[cpu])")
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

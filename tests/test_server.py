@@ -322,7 +322,7 @@ def browser(tmp_path):
 
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()

@@ -222,24 +222,15 @@ def test_missing_pieces_are_errors(tmp_path, tiny_model_dir, corpus, monkeypatch
 
 
 def test_cli_format_switchboard(tmp_path, tiny_model_dir, corpus, monkeypatch):
-    from click.testing import CliRunner
+    from test_training_data import _run_cli
 
-    from csm.cli.finetune_data import main
-
-    def run(*args):
-        with CliRunner().isolation() as (stdout, stderr, *_):
-            try:
-                main([str(a) for a in args])
-                code = 0
-            except SystemExit as exc:
-                code = exc.code or 0
-            return code, stdout.getvalue().decode(), stderr.getvalue().decode()
-
-    code, _, stderr = run("--format", "switchboard", "--input-dir", corpus.audio, "--output-dir", tmp_path / "out",
-                          "--model-path", tiny_model_dir)
-    assert code == 2 and stderr.startswith("error: ") and "--transcript-dir" in stderr and stderr.count("\n") == 1
-    code, _, stderr = run("--format", "fisher", "--input-dir", corpus.audio, "--output-dir", tmp_path / "out")
-    assert code == 2 and "fisher" in stderr
+    result = _run_cli(["--format", "switchboard", "--input-dir", corpus.audio, "--output-dir", tmp_path / "out",
+                       "--model-path", tiny_model_dir])
+    stderr = result.stderr
+    assert result.exit_code == 2 and stderr.startswith("error: ") and "--transcript-dir" in stderr
+    assert stderr.count("\n") == 1
+    result = _run_cli(["--format", "fisher", "--input-dir", corpus.audio, "--output-dir", tmp_path / "out"])
+    assert result.exit_code == 2 and "fisher" in result.stderr
 
 
 FAKE_SPH2PIPE = """#!{python}

@@ -154,7 +154,7 @@ def test_wandb_without_the_package_is_refused_up_front(tmp_path, capsys):
     import importlib.util
 
     if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed here")
+        pytest.skip("wandb is installed here: the refusal this checks only happens without it")
     config = _config(tmp_path, tmp_path / "base", tmp_path / "data")
     code, err = _main(["--config", _write(tmp_path / "config.json", config), "--wandb", "csm-tests"], capsys)
     assert code == 2 and err.startswith("error: --wandb needs the wandb package") and err.count("\n") == 1, err

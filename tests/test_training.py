@@ -126,6 +126,31 @@ def _run_script(args: list[str], env_extra: dict | None = None, launcher: list[s
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _killed_and_resumed(base: str, tmp_path, settings: list[str], kill_after: int) -> tuple[int, list[int]]:
+    """Train `whole` straight through and `killed` SIGKILLed once `kill_after` steps are logged,
+    then resumed, both with `settings`; returns the steps done before the kill and the steps
+    `killed`'s metrics logged, in order."""
+    import json
+    import signal
+    import time
+
+    whole = _run_script([base, str(tmp_path / "whole"), *settings])
+    killed = _run_script([base, str(tmp_path / "killed"), *settings])
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it mid-run, once a few steps are checkpointed
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    steps_done = len(metrics.read_text().splitlines())
+    resumed = _run_script([base, str(tmp_path / "killed"), *settings, "resume=true"])
+    assert resumed.wait() == 0, resumed.stdout.read()
+    assert whole.wait() == 0, whole.stdout.read()
+    return steps_done, [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+
+
 def _weights(folder) -> dict:
     from safetensors.torch import load_file
 
@@ -133,31 +158,13 @@ def _weights(folder) -> dict:
 
 
 def test_resume_after_sigkill_is_bit_exact(tiny_transformers_dir, tmp_path):
-    import json
-    import signal
-    import time
-
     base = str(tiny_transformers_dir[0])
     settings = ["method=full", "epochs=6", "batch_size=2", "learning_rate=1e-3", "save_every=1",
                 "decoder_fraction=0.25", "validation_split=0"]
-    whole = _run_script([base, str(tmp_path / "whole"), *settings])
-    killed = _run_script([base, str(tmp_path / "killed"), *settings])
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill it mid-run, once a few steps are checkpointed
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    steps_done = len(metrics.read_text().splitlines())
+    steps_done, steps = _killed_and_resumed(base, tmp_path, settings, kill_after=5)
     assert 5 <= steps_done < 12, steps_done
-    resumed = _run_script([base, str(tmp_path / "killed"), *settings, "resume=true"])
-    assert resumed.wait() == 0, resumed.stdout.read()
-    assert whole.wait() == 0, whole.stdout.read()
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 13))  # replayed steps were logged once
 
 

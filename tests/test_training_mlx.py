@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-mx = pytest.importorskip("mlx.core")
-pytest.importorskip("mlx_lm")
+mx = pytest.importorskip("mlx.core", reason="needs the mlx extra (MLX; its Linux CPU build is mlx[cpu])")
+pytest.importorskip("mlx_lm", reason="needs the mlx extra (mlx-lm)")
 
 import csm  # noqa: E402
 from csm.errors import CsmError  # noqa: E402
@@ -16,7 +16,7 @@ from csm.training.examples import Example, Turn  # noqa: E402
 from csm.training.loop import LossScale  # noqa: E402
 from csm.training.objective import collate, select_frames  # noqa: E402
 from csm.training.tuner import CSMFineTuner  # noqa: E402
-from test_training import CLIP_TEXTS, _run_script, random_example  # noqa: E402
+from test_training import CLIP_TEXTS, _killed_and_resumed, random_example  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -122,34 +122,17 @@ def test_fine_tune_on_mlx_teaches_length_and_stop(tiny_transformers_dir, tmp_pat
 def test_mlx_resume_after_sigkill_is_bit_exact(tiny_transformers_dir, tmp_path):
     """LoRA with dropout and trained heads: a run killed mid-way and resumed writes the same
     adapter, bit for bit, as a run that never stopped."""
-    import json
-    import signal
-    import time
 
     from safetensors.numpy import load_file
 
     base = str(tiny_transformers_dir[0])
     settings = ["backend=mlx", "method=lora", "lora_dropout=0.1", "train_heads=true", "epochs=3", "batch_size=2",
                 "learning_rate=1e-2", "save_every=1", "decoder_fraction=0.25", "validation_split=0"]
-    whole = _run_script([base, str(tmp_path / "whole"), *settings])
-    killed = _run_script([base, str(tmp_path / "killed"), *settings])
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill it mid-run, once a few steps are checkpointed
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    steps_done = len(metrics.read_text().splitlines())
+    steps_done, steps = _killed_and_resumed(base, tmp_path, settings, kill_after=2)
     assert 2 <= steps_done < 6, steps_done
-    resumed = _run_script([base, str(tmp_path / "killed"), *settings, "resume=true"])
-    assert resumed.wait() == 0, resumed.stdout.read()
-    assert whole.wait() == 0, whole.stdout.read()
     a = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 7))  # replayed steps were logged once
 
 
