@@ -7,24 +7,30 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` writes the file at a temporary path beside `path`, which then replaces `path`
+    whole; on an error, or an interrupt, `path` is left as it was and the temporary file removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    return write_file_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
 
 from csm.errors import CsmError
+from csm.files import write_file_atomic
 
 PROFILE_MEMBER = "voice.json"
 # clips/ref-01.wav, codes/<clip sha256[:16]>.<codec id>.npy: a flat name, no folders, no dots first
@@ -66,9 +65,7 @@ def write_archive(voice, path: Path, force: bool = False) -> Path:
     profile["references"] = refs
     profile_bytes = (json.dumps(profile, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    def write(tmp: Path) -> None:
         if kind == "tar":
             with tarfile.open(tmp, "w:gz") as tar:
                 info = tarfile.TarInfo(PROFILE_MEMBER)
@@ -81,11 +78,8 @@ def write_archive(voice, path: Path, force: bool = False) -> Path:
                 zf.writestr(PROFILE_MEMBER, profile_bytes)
                 for member, source in members.items():
                     zf.write(source, member)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_file_atomic(path, write)
 
 
 def read_archive(path: Path) -> tuple[dict, dict[str, bytes]]:

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +34,7 @@ from typing import Any
 from csm.checkpoint import SAFETENSORS_INDEX
 from csm.config import CsmConfig
 from csm.errors import CheckpointError, CsmError, read_json
-from csm.files import folder_atomic
+from csm.files import folder_atomic, write_file_atomic
 from csm.weights import TIED_COPIES, expected_shapes, from_csm_name, to_csm_name
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -598,9 +596,9 @@ def _write_files(folder: Path, tensors: Mapping[str, Any], config: dict, info: d
                  for name, data in ((CONFIG_FILE, config), (CSM_FILE, info))}
     except (TypeError, ValueError) as exc:
         raise CsmError(f"the adapter's description must be plain JSON values ({exc})") from None
-    _atomic(folder / WEIGHTS_FILE, lambda tmp: _save_safetensors(tensors, tmp))
+    write_file_atomic(folder / WEIGHTS_FILE, lambda tmp: _save_safetensors(tensors, tmp))
     for name, text in texts.items():
-        _atomic(folder / name, lambda tmp, text=text: tmp.write_text(text))
+        write_file_atomic(folder / name, lambda tmp, text=text: tmp.write_text(text))
 
 
 def _save_safetensors(tensors: Mapping[str, Any], path: Path) -> None:
@@ -619,17 +617,6 @@ def _save_safetensors(tensors: Mapping[str, Any], path: Path) -> None:
 
         save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}, str(path),
                   metadata={"format": "pt"})
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- converting and merging folders ------------------------------------------------------------

@@ -210,13 +210,13 @@ def _write_mlx_files(folder: Path, lora: Mapping[str, tuple[Any, Any]], full: Ma
                      scale: float, dropout: float, base: str | None, info: dict) -> None:
     from safetensors.torch import save_file
 
+    from csm.files import write_file_atomic
     from csm.training.adapters import (
         CONFIG_FILE,
         CSM_FILE,
         FORMAT_VERSION,
         WEIGHTS_FILE,
         WEIGHTS_FILE_BIN,
-        _atomic,
         _to_torch,
     )
 
@@ -234,14 +234,14 @@ def _write_mlx_files(folder: Path, lora: Mapping[str, tuple[Any, Any]], full: Ma
                  for name, data in ((CONFIG_FILE, config), (CSM_FILE, description))}
     except (TypeError, ValueError) as exc:
         raise CsmError(f"the adapter's description must be plain JSON values ({exc})") from None
-    _atomic(folder / MLX_WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "mlx"}))
+    write_file_atomic(folder / MLX_WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "mlx"}))
     if full:
         state = {k: _to_torch(v) for k, v in sorted(full.items())}
-        _atomic(folder / MLX_FULL_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "mlx"}))
+        write_file_atomic(folder / MLX_FULL_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "mlx"}))
     else:
         (folder / MLX_FULL_FILE).unlink(missing_ok=True)  # a stale one would be read as part of this adapter
     for name, text in texts.items():
-        _atomic(folder / name, lambda tmp, text=text: tmp.write_text(text))
+        write_file_atomic(folder / name, lambda tmp, text=text: tmp.write_text(text))
 
 
 def write_adapter_as_mlx(adapter, folder: Path) -> None:
