@@ -127,7 +127,7 @@ def _register_optional() -> None:
     """The data and adapter commands live in their own modules."""
     import importlib
 
-    for module, names in (("csm.cli.finetune_data", ("prepare_command",)),
+    for module, names in (("csm.cli.finetune_data", ("prepare_command", "make_dialogues_command")),
                           ("csm.cli.finetune_adapters", ("merge_command", "export_adapter_command")),
                           ("csm.cli.finetune_init", ("init_command",))):
         try:

@@ -4,9 +4,10 @@
     csm-finetune prepare --audio-dir wavs --transcript-dir texts --output-dir prepared
     csm-finetune prepare --data talks.jsonl --output-dir prepared --validation-split 0.05
     csm-finetune prepare --format switchboard --input-dir /data/LDC97S62 --output-dir switchboard
+    csm-finetune make-dialogues --output-dir dialogues     # a small corpus spoken by espeak-ng, no download
 
-`prepare_command` is registered in the csm-finetune group; `main` runs it alone. Errors are one
-line on stderr (`csm.cli.common.entry_point`).
+`prepare_command` and `make_dialogues_command` are registered in the csm-finetune group; `main`
+runs `prepare` alone. Errors are one line on stderr (`csm.cli.common.entry_point`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import click
 
 from csm.cli.common import entry_point
 from csm.training.config import FIELDS
+from csm.training.dialogues import DIALOGUES, VOICES
 from csm.training.sources import DATA_FORMATS
 
 
@@ -87,6 +89,23 @@ class _ProgressBar:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+@click.command("make-dialogues")
+@click.option("--output-dir", required=True, metavar="DIR",
+              help="the new folder: <dialogue>/turn-NN.wav (24 kHz) and dialogues.jsonl")
+@click.option("--count", type=int, default=None, metavar="N",
+              help=f"speak only the first N of the {len(DIALOGUES)} built-in dialogues (default: all)")
+@click.option("--voices", default=",".join(VOICES), show_default=True, metavar="VOICE0,VOICE1",
+              help="the espeak-ng voices of speaker 0 and speaker 1 (espeak-ng --voices=en lists them)")
+@click.option("--force", is_flag=True, help="write again over a dialogue corpus already in --output-dir")
+def make_dialogues_command(output_dir, count, voices, force):
+    """Write a small two-speaker conversational corpus (scripted dialogues spoken by espeak-ng,
+    no download) with the JSONL manifest `prepare --data` reads as conversations."""
+    from csm.training.dialogues import write_dialogues
+
+    corpus = write_dialogues(output_dir, count=count, voices=tuple(v.strip() for v in voices.split(",")), force=force)
+    click.echo(corpus.summary())
 
 
 main = entry_point(prepare_command)
