@@ -15,10 +15,11 @@ from typing import Any
 
 def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """`write(tmp)` writes the file at a temporary path beside `path`, which then replaces `path`
-    whole; on an error, or an interrupt, `path` is left as it was and the temporary file removed."""
+    whole; on an error, or an interrupt, `path` is left as it was and the temporary file removed.
+    The temporary name ends in `path`'s suffix, for writers that choose the format by it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))

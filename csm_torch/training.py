@@ -1,5 +1,12 @@
 """Fine-tuning on PyTorch: the tensor part of the objective (`csm.training.objective` chose the
-frames), LoRA through peft, AdamW with parameter groups, DistributedDataParallel under torchrun.
+frames), LoRA through peft, AdamW with parameter groups; under torchrun DistributedDataParallel,
+or torch's FSDP (`fully_shard`: each transformer layer, then the rest) for full training of
+models too big to hold whole, with its optimizer state, on every GPU.
+
+Checkpoints hold the whole model and the whole optimizer state keyed by parameter name,
+whatever the number of processes or the sharding that wrote them: a run saved on N processes
+resumes on M, under DDP, FSDP or alone. Under FSDP every process takes part in gathering them
+and the first writes them.
 
 The run itself (batches, schedule, validation, checkpoints) is `csm.training.loop`'s.
 """
@@ -53,6 +60,12 @@ class ObjectiveModule(nn.Module):
         return c0_sum, c0_correct, per_codebook.view(-1, logits.shape[1]).sum(0)
 
 
+# parallel="auto" shards full training of models above this many parameters: csm-1b's full
+# training (weights, gradients and AdamW's two moments in float32: 16 bytes a parameter) fits
+# on one 80 GB GPU with room for activations; the 3B flavor's (~50 GB before activations) does not.
+FSDP_AUTO_PARAMETERS = 2_000_000_000
+
+
 class TorchTrainer(TrainingBackend):
     checkpoint_name = "checkpoint_latest.pt"
 
@@ -94,7 +107,12 @@ class TorchTrainer(TrainingBackend):
         model.train()
         self.objective = ObjectiveModule(model)
         self.step_module: nn.Module = self.objective
-        if self.world_size > 1:
+        self.parallel = self._parallel_mode(config)
+        if self.parallel == "fsdp":
+            self._fully_shard(model)
+            # FSDP put its own (sharded) parameters in place of the model's
+            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        elif self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             self.step_module = DistributedDataParallel(
@@ -105,23 +123,32 @@ class TorchTrainer(TrainingBackend):
 
     # --- setup ------------------------------------------------------------------------------------
     def _init_distributed(self, config: TrainConfig) -> None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            import torch.distributed as dist
+        self.rank, self.world_size, self.device = init_distributed(config.device)
 
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            use_cuda = torch.cuda.is_available() and config.device in (None, "cuda")
-            if not dist.is_initialized():
-                dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-            self.device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-            if use_cuda:
-                torch.cuda.set_device(self.device)
-        else:
-            self.rank, self.world_size = 0, 1
-            self.device = pick_device(config.device)
-            if self.device.type == "mps":
-                self.device = torch.device("cpu") if config.device is None else self.device
+    def _parallel_mode(self, config: TrainConfig) -> str:
+        """none (one process), ddp or fsdp."""
+        if self.world_size == 1:
+            return "none"
+        if config.parallel == "auto":
+            big = self.num_parameters > FSDP_AUTO_PARAMETERS
+            return "fsdp" if big and config.method == "full" else "ddp"
+        return config.parallel
+
+    def _fully_shard(self, model: Model) -> None:
+        """torch's FSDP: each transformer layer is one unit (gathered for its forward and backward,
+        freed after), the embeddings, heads and norms one more at the root. The gradient is
+        reduce-scattered at every micro-batch, so accumulation holds shards, not whole gradients."""
+        try:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise CsmError("--parallel fsdp needs torch 2.6 or newer (torch.distributed.fsdp.fully_shard); upgrade "
+                           "torch, or use --parallel ddp") from None
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for stack in (model.backbone, model.decoder):
+            for layer in stack.layers:
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.objective, mesh=mesh)
 
     def _precision(self, config: TrainConfig) -> torch.dtype:
         if config.precision == "float32" or (config.precision == "auto" and self.device.type != "cuda"):
@@ -168,7 +195,7 @@ class TorchTrainer(TrainingBackend):
         torch.manual_seed(seed)  # LoRA dropout: a function of the position in the run
         self._pending_micro += 1
         last = self._pending_micro == self.config.grad_accum or self.world_size == 1
-        sync = self.step_module.no_sync() if (self.world_size > 1 and not last) else _nothing()
+        sync = self.step_module.no_sync() if (self.parallel == "ddp" and not last) else _nothing()
         with sync, self._autocast():
             c0_sum, c0_correct, per_codebook = self.step_module(*self._tensors(batch, selection))
             loss = (scale.semantic_weight * c0_sum / max(scale.num_frames, 1)
@@ -183,6 +210,8 @@ class TorchTrainer(TrainingBackend):
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.config.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor holding the norm over every shard
+            norm = norm.full_tensor()
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         self.optimizer.step()
@@ -201,47 +230,105 @@ class TorchTrainer(TrainingBackend):
                         per_codebook.double().cpu().numpy(), float(selection.num_decoder_frames))
 
     # --- state --------------------------------------------------------------------------------------
+    # Every process calls these (under FSDP gathering the state is collective); the first writes.
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: t for n, t in self._model_state().items() if n in trained}
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        """The whole model under csm's names (under FSDP: gathered to the first process, on the CPU;
+        the others get an empty dict)."""
+        if self.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.objective, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
+            return {n.removeprefix("model."): t for n, t in state.items()}
+        return {n: t.detach() for n, t in self.model.state_dict().items()}
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """AdamW's state keyed by parameter name, whole (under FSDP gathered like the model)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = self.parallel == "fsdp"
+        return get_optimizer_state_dict(self.objective, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=full, cpu_offload=full))
 
     def save_checkpoint(self, path: Path, extra: dict[str, Any], optimizer: bool = True) -> None:
         state: dict[str, Any] = {"extra": json.dumps(extra)}  # plain JSON: loadable with weights_only=True
         if self.config.method == "full":
             # the whole model under "model" (csm's names), which `open_checkpoint` reads from a .pt:
             # the file loads with csm.load(path, backbone_flavor=...); the trained ones are among them
-            state["model"] = {n: t.detach() for n, t in self.model.state_dict().items()}
+            state["model"] = self._model_state()
         else:
             state["trainable"] = self.trainable_state()
         if optimizer:
-            state["optimizer"] = self.optimizer.state_dict()
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+            state["optimizer"] = self._optimizer_state()
+        if self.rank == 0:
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as exc:
-            raise CsmError(f"cannot read the checkpoint {path}: {exc}") from None
+        sharded = self.parallel == "fsdp"
+        state: dict[str, Any] = {}
+        if not sharded or self.rank == 0:  # under FSDP the first process reads and sends each shard
+            try:
+                state = torch.load(path, map_location="cpu" if sharded else self.device, weights_only=True,
+                                   mmap=sharded)
+            except Exception as exc:
+                raise CsmError(f"cannot read the checkpoint {path}: {exc}") from None
+            trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            if "model" in state:
+                state["trainable"] = {n: t for n, t in state["model"].items() if n in trained}
+            if set(state["trainable"]) != trained:
+                raise CsmError(f"{path} was written by a run with other trained parameters (method, targets or "
+                               "freezing differ); resume with the same settings, or start anew with --force")
+        if sharded:
+            return self._load_sharded(state)
         params = dict(self.model.named_parameters())
-        trained = {n for n, p in params.items() if p.requires_grad}
-        if "model" in state:
-            state["trainable"] = {n: t for n, t in state["model"].items() if n in trained}
-        if set(state["trainable"]) != trained:
-            raise CsmError(f"{path} was written by a run with other trained parameters (method, targets or "
-                           "freezing differ); resume with the same settings, or start anew with --force")
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 params[name].copy_(value)
         if "optimizer" in state:  # a snapshot has none: its weights alone
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_optimizer(state["optimizer"])
         return json.loads(state["extra"])
 
+    def _load_optimizer(self, saved: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        if any(isinstance(k, int) for k in saved.get("state", {})):  # written by csm before 0.2: keyed by index
+            self.optimizer.load_state_dict(saved)
+        else:
+            set_optimizer_state_dict(self.objective, self.optimizer, saved)
+
+    def _load_sharded(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The first process's `state` sent to every shard (the others pass an empty dict)."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        header = [None]
+        if self.rank == 0:
+            header = [{"extra": state["extra"], "optimizer": "optimizer" in state}]
+        dist.broadcast_object_list(header, src=0)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        weights = state.get("model", state.get("trainable", {}))
+        set_model_state_dict(self.objective, {f"model.{n}": t for n, t in weights.items()}, options=options)
+        if header[0]["optimizer"]:
+            set_optimizer_state_dict(self.objective, self.optimizer, state.get("optimizer", {}), options=options)
+        return json.loads(header[0]["extra"])
+
     def save_weights(self, out_dir: Path) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if self.config.method == "lora":
+        if self.config.method == "lora":  # never sharded (see TrainConfig.parallel)
+            if self.rank != 0:
+                return
             from csm.training.outputs import write_run_adapter
 
+            out_dir.mkdir(parents=True, exist_ok=True)
             named = dict(self.model.named_modules())
             lora = {m: (named[m].lora_A["default"].weight.detach().float().cpu(),
                         named[m].lora_B["default"].weight.detach().float().cpu()) for m in self.lora_modules}
@@ -251,8 +338,9 @@ class TorchTrainer(TrainingBackend):
         else:
             from csm.training.outputs import write_model_folder
 
-            state = {n: p.detach().cpu() for n, p in self.model.state_dict().items()}
-            write_model_folder(out_dir, state, self.base_model)
+            state = {n: t.cpu() for n, t in self._model_state().items()}
+            if self.rank == 0:
+                write_model_folder(out_dir, state, self.base_model)
 
     def peak_memory_bytes(self) -> int:
         """CUDA: the most the run's tensors have held; CPU: the process's peak resident memory
@@ -280,6 +368,27 @@ class TorchTrainer(TrainingBackend):
             import torch.distributed as dist
 
             dist.barrier()
+
+
+def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process: under torchrun (WORLD_SIZE > 1) the process
+    group is started (once; NCCL on GPUs, gloo on CPUs) and each process takes its LOCAL_RANK's
+    GPU; alone, the best device there is (a training run on a Mac uses the CPU unless told `mps`)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        chosen = pick_device(device)
+        if chosen.type == "mps" and device is None:
+            chosen = torch.device("cpu")
+        return 0, 1, chosen
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and device in (None, "cuda")
+    chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(chosen)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), chosen
 
 
 class _nothing:

@@ -159,3 +159,67 @@ def test_wandb_without_the_package_is_refused_up_front(tmp_path, capsys):
     code, err = _main(["--config", _write(tmp_path / "config.json", config), "--wandb", "csm-tests"], capsys)
     assert code == 2 and err.startswith("error: --wandb needs the wandb package") and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_run_on_two_processes_resumes_on_one(whole_run, tmp_path):
+    """torchrun with two processes under FSDP (each holding half of every weight and of the
+    optimizer state), killed mid-run, resumed by one process: the result equals the uninterrupted
+    one-process run (to rounding: the gradient is summed in another order)."""
+    from safetensors.torch import load_file
+
+    config, whole = whole_run
+    run = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "csm.train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.Popen([*torchrun, "--config", _write(tmp_path / "config.json", config | {
+        "output_dir": str(run), "parallel": "fsdp"})], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and killed.poll() is None:  # kill every process mid-run
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    output = killed.communicate()[0]
+    assert 4 <= len(metrics.read_text().splitlines()) < 12, output
+    resumed = _start("--resume", str(run / "checkpoints" / "checkpoint_latest.pt"))
+    assert resumed.wait() == 0, resumed.stdout.read()
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert a.keys() == b.keys()
+    initial = load_file(str(whole / "initial_model" / "model.safetensors"))
+    assert any(not torch.equal(a[k], initial[k]) for k in a)  # it trained
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_run_ends_with_a_conversational_evaluation(tiny_model_dir, tmp_path, capsys):
+    """Held-out conversations are spoken by the trained model at the end of the run: the report
+    (JSON and figure) covers every held-out turn after the first, per speaker."""
+    pytest.importorskip("resemblyzer", reason="the conversational evaluation needs the eval extra")
+    pytest.importorskip("matplotlib", reason="the conversational evaluation needs the eval extra")
+    rng = np.random.default_rng(1)
+    lines = []
+    for c in range(3):  # three conversations of three turns, speakers 0 and 1 taking turns
+        for t in range(3):
+            n = int((0.4 + 0.08 * (c + t)) * 24_000)
+            envelope = np.repeat(rng.uniform(0.05, 0.5, n // 960 + 1), 960)[:n]
+            sf.write(tmp_path / f"c{c}t{t}.wav", (envelope * rng.standard_normal(n)).astype(np.float32), 24_000)
+            lines.append({"audio": f"c{c}t{t}.wav", "text": CLIPS[t], "speaker": t % 2, "conversation": f"c{c}"})
+    (tmp_path / "talk.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = _config(tmp_path, tiny_model_dir, None) | {
+        "data": str(tmp_path / "talk.jsonl"), "validation_split": 0.34, "epochs": 1, "save_every": 100,
+        "logging": {"tensorboard": False}, "evaluation": {"eval_conversations": 4}}
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", _write(tmp_path / "config.json", config)])
+        raise SystemExit(0)
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    report = json.loads((tmp_path / "run" / "evaluation" / "conversations.json").read_text())
+    assert report["summary"]["conversations"] == 1 and report["summary"]["turns"] == 2  # the held-out one
+    assert [t["turn"] for t in report["turns"]] == [1, 2] and {t["speaker"] for t in report["turns"]} == {0, 1}
+    assert all(0 <= t["duration_s"] and t["context_turns"] >= 1 for t in report["turns"])
+    assert set(report["summary"]["speakers"]) == {"0", "1"} and report["summary"]["eos_rate"] is not None
+    assert (tmp_path / "run" / "evaluation" / "conversations.png").stat().st_size > 1000
+    assert "similarity_to_real" in out and "conversations.json" in out

@@ -12,6 +12,7 @@ command line wins over the config file, which wins over the preset.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import click
 
 from csm.cli.common import entry_point
+from csm.errors import CsmError
 from csm.training.config import FIELDS, PRESETS, TrainConfig
 
 
@@ -61,6 +63,7 @@ def _run(preset: str | None, config_file: str | None, resume: bool, force: bool,
     config = config_from(preset, config_file, **settings)
     if config.output_dir is None:
         raise click.UsageError("--output-dir is required")
+    check_evaluation(config.eval_conversations)
     tuner = CSMFineTuner(**{**config.to_dict(), "preset": None})
     progress = _Progress()
     try:
@@ -71,6 +74,59 @@ def _run(preset: str | None, config_file: str | None, resume: bool, force: bool,
         f", best validation loss {result.best_validation_loss:.4f} at step {result.best_step}")
     early = " (stopped early)" if result.stopped_early else ""
     click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s{early}{best}; wrote {result.output_dir}")
+    evaluate_after_training(tuner, tuner.config.eval_conversations or 0)
+
+
+def eval_extra_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("resemblyzer", "silero_vad", "matplotlib"))
+
+
+def check_evaluation(eval_conversations: int | None) -> None:
+    """An evaluation asked for needs its extra: refused before training, not after."""
+    if eval_conversations and not eval_extra_installed():
+        raise CsmError("eval_conversations needs the eval extra (resemblyzer, silero-vad, matplotlib): pip install "
+                       "'csm-speech[eval]', or set --eval-conversations 0")
+
+
+def evaluate_after_training(tuner, count: int, *, optional: bool = False) -> None:
+    """The result speaks `count` held-out conversations into <output_dir>/evaluation/ (the first
+    process only). A data set without held-out conversations gets a note, not an error; so does a
+    missing eval extra when the evaluation is `optional` (on by default, not asked for)."""
+    import os
+
+    from csm.files import write_file_atomic, write_json_atomic
+
+    if not count or int(os.environ.get("RANK", "0")) != 0:
+        return
+    if optional and not eval_extra_installed():
+        click.echo("note: no conversational evaluation: it needs the eval extra (pip install 'csm-speech[eval]')",
+                   err=True)
+        return
+    try:
+        with tqdm_bar(desc="speaking held-out conversations", unit="turn") as bar:
+            def on_turn(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(1)
+
+            report = tuner.evaluate_conversations(max_conversations=count, seed=tuner.config.seed, on_turn=on_turn)
+    except CsmError as exc:
+        if "holds no conversation" not in str(exc):
+            raise
+        click.echo(f"note: no conversational evaluation: {exc}", err=True)
+        return
+    folder = tuner.output_dir / "evaluation"
+    json_path = write_json_atomic(folder / "conversations.json", report.to_dict())
+    figure = write_file_atomic(folder / "conversations.png", report.figure)
+    click.echo(report.table())
+    click.echo(f"wrote {json_path} and {figure}")
+
+
+def tqdm_bar(**kwargs):
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)
 
 
 class _Progress:

@@ -6,24 +6,25 @@ weights or a Llama backbone), the data, the objective, the schedule, checkpoints
     torchrun --nproc_per_node=8 -m csm.train --config config.json
 
 The config's keys are `csm-finetune train`'s (TrainConfig's) plus a `model` section for the new
-model and a `logging` section (both may also be flat keys); every key is also a flag, and a flag
-wins over the file. The model folder is written once, to <output_dir>/initial_model, by
-`csm.training.init_model`; training is full fine-tuning of it (the `csm-finetune` run, loop and
-checkpoints). A thin layer: nothing here trains.
+model and a `logging` section (both may also be flat keys; an `evaluation` section may hold
+eval_conversations); every key is also a flag, and a flag wins over the file. After training the
+result speaks up to eval_conversations (default 8) held-out conversations into
+<output_dir>/evaluation/conversations.json and .png (`CSMFineTuner.evaluate_conversations`).
+The model folder is written once, to <output_dir>/initial_model, by `csm.training.init_model`;
+training is full fine-tuning of it (the `csm-finetune` run, loop and checkpoints). A thin layer: nothing here trains.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
 from csm.cli.common import entry_point
-from csm.cli.finetune import _Progress, training_options
+from csm.cli.finetune import _Progress, check_evaluation, evaluate_after_training, training_options
 from csm.errors import CsmError
 
 INITIAL_MODEL = "initial_model"
@@ -45,20 +46,22 @@ LOGGING_KEYS = {
     "tensorboard": "TensorBoard scalars in <output_dir>/logs (default: on when tensorboard is installed)",
     "wandb": "also log to this Weights & Biases project (needs the wandb package)",
 }
-WAIT_FOR_MODEL_S = 3600  # other torchrun processes wait this long for the first to write the model
+SECTIONS = ("model", "logging", "evaluation")
+EVAL_CONVERSATIONS = 8  # csm-train's default: an experiment ends with its conversational evaluation
 
 
 def split_settings(values: dict[str, Any], where: str) -> tuple[dict, dict, dict]:
-    """(training, model, logging) settings from a config file's object: `model` and `logging`
-    sections or flat keys, '-' or '_' between words; an unknown key is refused, naming the known."""
+    """(training, model, logging) settings from a config file's object: sections (`model`,
+    `logging`, `evaluation`) or flat keys, '-' or '_' between words; an unknown key is refused,
+    naming the known."""
     from csm.training.config import FIELDS
 
     flat: dict[str, Any] = {}
     for key, value in values.items():
         key = key.replace("-", "_")
-        if key in ("model", "logging") and isinstance(value, dict):
+        if key in SECTIONS and isinstance(value, dict):
             flat |= {k.replace("-", "_"): v for k, v in value.items()}
-        elif key in ("model", "logging"):
+        elif key in SECTIONS:
             raise CsmError(f"{where}: '{key}' must be an object of settings, got {value!r}")
         else:
             flat[key] = value
@@ -109,17 +112,13 @@ def makes_new_model(model: dict[str, Any]) -> bool:
 
 
 def create_model(output_dir: Path, model: dict[str, Any], seed: int, force: bool) -> Path:
-    """<output_dir>/initial_model, written once (again with `force`); under torchrun the first
-    process writes it and the others wait until it is in place (it lands whole)."""
+    """<output_dir>/initial_model, written once (again with `force`) by the first process; under
+    torchrun the others wait for it at a barrier of the run's process group (a file appearing
+    would not tell a new model from the one `force` replaces)."""
     from csm.training.init_model import init_model
 
     path = output_dir / INITIAL_MODEL
     if int(os.environ.get("RANK", "0")) != 0:
-        deadline = time.monotonic() + WAIT_FOR_MODEL_S
-        while not (path / "config.json").is_file():
-            if time.monotonic() > deadline:
-                raise CsmError(f"the first process did not write {path} within {WAIT_FOR_MODEL_S} s")
-            time.sleep(1)
         return path
     if path.is_dir() and not force:
         return path  # a run's model is made once: a new start trains the same initial weights
@@ -202,6 +201,7 @@ def command(config_file, resume, force, **given):
         values = {"method": "full", **check_types(file_train, f"config file {config_file}"),
                   **check_types(flags_train, "flags")}
         config = config_from(None, None, **values)
+        check_evaluation(config.eval_conversations)
         if config.output_dir is None:
             raise CsmError("output_dir is required: the folder for the model, checkpoints and logs "
                            "(--output-dir or the config's output_dir)")
@@ -226,7 +226,18 @@ def command(config_file, resume, force, **given):
             raise CsmError(f"{output_dir} already exists and is not empty; pass --resume "
                            f"{output_dir / 'checkpoints' / 'checkpoint_latest.pt'} to continue its run or --force "
                            "to start over (a new model and new checkpoints)")
-        path = create_model(output_dir, model_settings, config.seed, force)
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if distributed:  # the run's process group, started before the first process writes the model
+            from csm_torch.training import init_distributed
+
+            init_distributed(config.device)
+        try:
+            path = create_model(output_dir, model_settings, config.seed, force)
+        finally:
+            if distributed:
+                import torch.distributed as dist
+
+                dist.barrier()
         config = config.replace(model_path=str(path))
 
     logger = RunLogger(output_dir / "logs" if use_tensorboard is not False and tensorboard_available() else None,
@@ -243,6 +254,8 @@ def command(config_file, resume, force, **given):
     early = " (stopped early)" if result.stopped_early else ""
     click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s{early}{best}; wrote {result.output_dir} "
                f"(checkpoints in {result.output_dir / 'checkpoints'})")
+    asked = tuner.config.eval_conversations
+    evaluate_after_training(tuner, EVAL_CONVERSATIONS if asked is None else asked, optional=asked is None)
 
 
 main = entry_point(command)

@@ -16,6 +16,9 @@ from typing import Any
 from csm.errors import CsmError
 
 METHODS = ("lora", "full")
+# How processes under torchrun share a run: every process holds the whole model (ddp), or the
+# weights, gradients and optimizer state are sharded across them (fsdp, torch's fully_shard).
+PARALLEL = ("auto", "ddp", "fsdp")
 PRECISIONS = ("auto", "float32", "bfloat16")
 TRAIN_ON = ("last", "speaker", "all")
 # The linear layers LoRA may adapt, by their names in both stacks (never Mimi's: it is not in
@@ -91,9 +94,17 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=list, metadata={
         "help": "texts spoken at each validation into samples/ (fixed seed)"})
     merge: bool = field(default=False, metadata={"help": "also write the merged full model (LoRA runs)"})
+    eval_conversations: int | None = field(default=None, metadata={
+        "help": "after training, speak this many held-out conversations with the result into "
+                "evaluation/conversations.json and .png (0: off; default: 8 for csm-train, 0 for csm-finetune; "
+                "needs the eval extra)"})
     # --- where it runs ---
     backend: str = field(default="auto", metadata={"help": "auto, torch or mlx"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu or mps (default: the best there is)"})
+    parallel: str = field(default="auto", metadata={
+        "help": "under torchrun: ddp (each process holds the whole model), fsdp (weights, gradients and optimizer "
+                "state sharded: full training of the 3B and 8B flavors) or auto (fsdp for full training of "
+                "models over 2B parameters, else ddp)"})
     quantize: int | None = field(default=None, metadata={
         "help": "QLoRA: hold the frozen base in 4 or 8 bits (MLX backend, LoRA only)"})
     normalize_loudness: bool = field(default=False, metadata={"help": "normalise each clip to -23 LUFS"})
@@ -135,7 +146,12 @@ class TrainConfig:
         need(self.eval_every is None or self.eval_every >= 1, "eval_every must be at least 1")
         need(self.patience is None or self.patience >= 0, "patience must be 0 or more")
         need(self.save_every >= 1, "save_every must be at least 1")
+        need(self.eval_conversations is None or self.eval_conversations >= 0, "eval_conversations must be 0 or more")
         need(self.max_clip_seconds > 0, "max_clip_seconds must be positive")
+        need(self.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
+        need(not (self.parallel == "fsdp" and self.method == "lora"),
+             "parallel fsdp shards full training; a LoRA run keeps its frozen base whole on every GPU: use "
+             "--parallel ddp (or auto) with --method lora, or --method full with fsdp")
         need(self.quantize in (None, 4, 8), f"quantize must be 4 or 8 bits, got {self.quantize!r}")
         need(self.quantize is None or self.method == "lora",
              "quantize (QLoRA) keeps the base frozen: use it with --method lora, or drop --quantize")

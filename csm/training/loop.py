@@ -116,7 +116,7 @@ class TrainingBackend(ABC):
     def save_checkpoint(self, path: Path, extra: dict[str, Any], optimizer: bool = True) -> None:
         """The trainable weights (a full run: the whole model, loadable by `csm.load`), the
         optimizer (unless `optimizer` is False: a snapshot to load, not to resume) and `extra`,
-        written atomically."""
+        written atomically. Every process calls it (a sharded model is gathered); the first writes."""
 
     @abstractmethod
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
@@ -124,7 +124,8 @@ class TrainingBackend(ABC):
 
     @abstractmethod
     def save_weights(self, out_dir: Path) -> None:
-        """The trained result as a loadable folder (an adapter, or a full model)."""
+        """The trained result as a loadable folder (an adapter, or a full model). Every process
+        calls it; the first writes."""
 
     def peak_memory_bytes(self) -> int:
         return 0
@@ -196,8 +197,9 @@ def evaluate(backend: TrainingBackend, frames: list[TrainingFrames], config: Tra
         batch = collate([frames[i] for i in ids])
         selection = select_frames(batch, fraction=1.0)
         part, sel, scale = shard(batch, selection, backend.rank, backend.world_size)
+        sums_part = backend.eval_batch(part, sel)  # every process runs it: a sharded model gathers its weights
         if scale:
-            sums += backend.eval_batch(part, sel)
+            sums += sums_part
     sums = LossSums.from_array(backend.all_reduce(sums.to_array()))
     return sums.metrics(config.semantic_weight, config.acoustic_weight)
 
@@ -237,7 +239,7 @@ def run_training(
     """Train `backend` on `train`, validating on `validation` (may be empty), writing checkpoints,
     metrics and the best weights under `output_dir`. `on_event(kind, record)` gets every
     "step" and "validation" record (the CLI's progress bar); `on_validation(step)` runs after
-    each validation (sample clips)."""
+    each validation (sample clips), in every process."""
     if not train:
         raise CsmError("no training examples")
     is_main = backend.rank == 0
@@ -276,10 +278,9 @@ def run_training(
         improved = state.best_loss is None or metrics["loss"] < state.best_loss
         if improved:
             state.best_loss, state.best_step, state.bad_evals = metrics["loss"], state.step, 0
-            if is_main:
-                backend.save_weights(best_dir)
-                backend.save_checkpoint(best_state, {"version": CHECKPOINT_VERSION, "state": vars(state),
-                                                     "config": config.to_dict()})
+            backend.save_weights(best_dir)
+            backend.save_checkpoint(best_state, {"version": CHECKPOINT_VERSION, "state": vars(state),
+                                                 "config": config.to_dict()})
         else:
             state.bad_evals += 1
         record = {"kind": "validation", "step": state.step, "epoch": state.epoch, **metrics,
@@ -288,7 +289,7 @@ def run_training(
         notify("validation", record)
         if config.patience and state.bad_evals >= config.patience:
             state.stopped_early = True
-        if on_validation is not None and is_main:
+        if on_validation is not None:
             on_validation(state.step)
 
     started = time.perf_counter()
@@ -332,7 +333,7 @@ def run_training(
                 window_start, window_steps, window_frames = now, 0, 0
             if config.eval_every and state.step % config.eval_every == 0:
                 validate()
-            if state.step % config.save_every == 0 and is_main:
+            if state.step % config.save_every == 0:
                 checkpoint()
                 # a snapshot to keep: the weights (no optimizer, so it is half the size or less)
                 backend.save_checkpoint(checkpoints / f"model_epoch{state.epoch}_step{state.step}{suffix}",
@@ -342,16 +343,14 @@ def run_training(
             state.epoch, state.group = state.epoch + 1, 0
             if not config.eval_every:
                 validate()
-            if is_main:
-                checkpoint()
-    if is_main:
-        checkpoint()
-        if validation and best_dir.is_dir():
-            _install(best_dir, output_dir)
-        else:
-            backend.save_weights(output_dir)
+            checkpoint()
+    checkpoint()
+    if state.best_step is None:
+        backend.save_weights(output_dir)
+    elif is_main:
+        _install(best_dir, output_dir)
     backend.barrier()
-    if validation and best_state.is_file():  # the weights in memory are the result's too
+    if state.best_step is not None:  # the weights in memory are the result's too
         backend.load_checkpoint(best_state)
     epochs_done = state.epoch + state.group / max(1, math.ceil(len(plan[min(state.epoch, len(plan) - 1)])
                                                                 / config.grad_accum))

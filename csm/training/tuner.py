@@ -34,12 +34,12 @@ SAMPLE_MS = 10_000  # longest sample clip
 RUN_SETTINGS = {"data", "audio_dir", "transcript_dir", "validation_data", "batch_size", "batch_frames", "epochs",
                 "max_steps", "grad_accum", "max_grad_norm", "warmup_steps", "learning_rate", "semantic_weight",
                 "acoustic_weight", "decoder_fraction", "train_on", "context_turns", "validation_split", "eval_every",
-                "patience", "save_every", "sample_prompts", "merge", "speaker_id", "style_name"}
+                "patience", "save_every", "sample_prompts", "merge", "speaker_id", "style_name", "eval_conversations"}
 # what a run writes into its output folder; anything else there is the user's
 RUN_OUTPUTS = {"checkpoints", "metrics.jsonl", RUN_FILE, "data", "validation_data", "samples",
                "adapter_model.safetensors", "adapter_config.json", "csm_adapter.json", "model.safetensors",
                "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "merged", MIMI_FILE,
-               "logs"}
+               "logs", "evaluation"}
 # what a new run (and --force) leaves in place: the prepared data, and the model csm-train created
 # there to train from (it is the run's input: without it nothing could start over)
 KEPT_OUTPUTS = ("data", "initial_model")
@@ -198,7 +198,10 @@ class CSMFineTuner:
         from csm.audio import write_wav
 
         weights = self.output_dir / "checkpoints" / "sampling"
-        self._backend.save_weights(weights)
+        self._backend.save_weights(weights)  # every process takes part (a sharded model is gathered)
+        if self._backend.rank != 0:
+            self._backend.barrier()
+            return
         voice = csm.load(str(weights), backend=self.backend_name, device=str(self._backend.device), dtype="float32")
         samples = self.output_dir / "samples"
         samples.mkdir(exist_ok=True)
@@ -207,6 +210,7 @@ class CSMFineTuner:
             audio = voice.generate(text, speaker=self.config.speaker_id, topk=1, seed=self.config.seed,
                                    max_audio_length_ms=min(SAMPLE_MS, room * FRAME_MS))
             write_wav(samples / f"step{step:06d}_{i}.wav", audio, voice.sample_rate, force=True)
+        self._backend.barrier()
 
     def _training_frames(self, train_dataset: Any, val_dataset: Any) -> tuple[list, list]:
         """(training frames, validation frames): the training data's train split and validation
@@ -249,6 +253,28 @@ class CSMFineTuner:
         if not frames:
             raise CsmError(f"no {split} examples to evaluate")
         return evaluate(self._build(), frames, self.config)
+
+    def evaluate_conversations(self, dataset: Any = None, split: str = "validation", max_conversations: int = 8,
+                               seed: int = 0, on_turn: Callable[[int, int], None] | None = None):
+        """How the trained model (the result in `output_dir`) holds held-out conversations: each turn
+        spoken with the real earlier turns as context (`csm.conversation_eval`, the `eval` extra).
+        By default the run's validation conversations: its validation data, or its data's
+        validation split. Returns a `ConversationReport` (`.to_dict()`, `.table()`, `.figure(path)`)."""
+        import csm
+        from csm.conversation_eval import conversations_from_dataset, evaluate_conversations
+
+        c = self.config
+        if dataset is None and c.validation_data is not None:
+            dataset = self._dataset(c.replace(data=c.validation_data, audio_dir=None, transcript_dir=None,
+                                              validation_split=0.0), "validation_data")
+            split = "train" if _is_whole(dataset) else split
+        elif dataset is None:
+            if c.data is None and c.audio_dir is None:
+                raise CsmError("no data to take conversations from: give a dataset")
+            dataset = self._dataset(c, "data")
+        conversations = conversations_from_dataset(dataset, split=split, max_conversations=max_conversations)
+        voice = csm.load(str(self.output_dir), backend=self.backend_name, device=c.device)
+        return evaluate_conversations(voice, conversations, seed=seed, on_turn=on_turn)
 
     # --- files -------------------------------------------------------------------------------------
     def _check_output_dir(self, resume: bool, force: bool) -> None:
