@@ -25,7 +25,7 @@
 #   CSM_EXPERIMENT_WATERMARK_MODEL  a folder of silentcipher weights for the demo [the Hub's sony/silentcipher]
 #   CSM_EXPERIMENT_PYTHON           run `$CSM_EXPERIMENT_PYTHON -m ...` in an environment that already has
 #                                   csm-speech[train,eval], and install nothing [uv run --extra train --extra eval]
-set -euo pipefail
+set -Eeuo pipefail  # -E: the ERR trap below also fires inside functions
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 dir="${CSM_EXPERIMENT_DIR:-$here/experiment}"
@@ -104,7 +104,7 @@ prepared="$dir/prepared"
 run="$dir/run"
 demo="$dir/demo"
 
-step="writing the config"
+step="writing the config (from the CSM_EXPERIMENT_* settings)"
 config="$dir/config.json"
 eval_args=()
 if [[ -n "$eval_conversations" ]]; then eval_args=(--eval-conversations "$eval_conversations"); fi

@@ -119,3 +119,12 @@ def _epochs_at(run: Path, steps) -> list[tuple[int, int]]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epoch = {r["step"]: r["epoch"] for r in records if r["kind"] == "step"}
     return [(epoch[s], s) for s in steps]
+
+
+def test_run_experiment_names_the_step_that_failed(tmp_path):
+    env = {**os.environ, "CSM_EXPERIMENT_PYTHON": sys.executable, "CSM_EXPERIMENT_DIR": str(tmp_path / "exp"),
+           "CSM_EXPERIMENT_STEPS": "0"}
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "--steps" in r.stderr and "failed while writing the config" in r.stderr
+    assert not (tmp_path / "exp" / "dialogues").exists()
