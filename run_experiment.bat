@@ -68,7 +68,7 @@ uv sync --quiet --extra train --extra eval
 if errorlevel 1 goto fail
 :installed
 
-set "STEP=writing the config"
+set "STEP=writing the config (from the CSM_EXPERIMENT_* settings)"
 echo == writing the csm-train config %CONFIG%
 call :csm -m csm.training.experiment config "%CONFIG%" --base "%BASE%" --data "%PREPARED%" --output-dir "%RUN%" --steps %CSM_EXPERIMENT_STEPS% --save-every %CSM_EXPERIMENT_SAVE_EVERY% --batch-size %CSM_EXPERIMENT_BATCH_SIZE% --learning-rate %CSM_EXPERIMENT_LEARNING_RATE% %EVAL_ARGS%
 if errorlevel 1 goto fail
@@ -79,12 +79,14 @@ call :csm -m csm.training make-dialogues --output-dir "%DATA%" --count %CSM_EXPE
 if errorlevel 1 goto fail
 
 set "STEP=getting the tokenizer and Mimi (Hugging Face Hub)"
-if "%OWN_BASE%"=="yes" if not exist "%BASE%\config.json" (
-    echo == 2/5 getting unsloth/csm-1b's tokenizer and kyutai's Mimi codec into %BASE%
-    call :csm -m csm.training.experiment base "%BASE%"
-    if errorlevel 1 goto fail
-    goto prepare
-)
+rem (no parenthesised block around a path: a folder name with a parenthesis would end it)
+if not "%OWN_BASE%"=="yes" goto given_base
+if exist "%BASE%\config.json" goto given_base
+echo == 2/5 getting unsloth/csm-1b's tokenizer and kyutai's Mimi codec into %BASE%
+call :csm -m csm.training.experiment base "%BASE%"
+if errorlevel 1 goto fail
+goto prepare
+:given_base
 echo == 2/5 taking the tokenizer and Mimi from %BASE%
 :prepare
 
