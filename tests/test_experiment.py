@@ -78,6 +78,7 @@ def test_make_dialogues_refuses_what_it_would_overwrite(tmp_path, monkeypatch):
 
 def test_run_experiment_end_to_end(tmp_path, tiny_model_dir, watermark_dir):
     require_espeak("run_experiment.sh speaks its dialogues with it")
+    pytest.importorskip("tensorboard", reason="the experiment logs to TensorBoard: pip install 'csm-speech[train]'")
     out = tmp_path / "exp"
     env = {**os.environ, "CSM_EXPERIMENT_PYTHON": sys.executable, "CSM_EXPERIMENT_DIR": str(out),
            "CSM_EXPERIMENT_BASE": str(tiny_model_dir), "CSM_EXPERIMENT_STEPS": str(STEPS),
