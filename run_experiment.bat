@@ -63,8 +63,9 @@ if errorlevel 1 if not exist "%ProgramFiles%\eSpeak NG\espeak-ng.exe" (
     exit /b 2
 )
 set "STEP=installing csm-speech with its train and eval extras (uv sync)"
+rem --inexact: a developer's other extras stay installed
 echo == installing csm-speech[train,eval] into %HERE%\.venv
-uv sync --quiet --extra train --extra eval
+uv sync --quiet --inexact --extra train --extra eval
 if errorlevel 1 goto fail
 :installed
 

@@ -75,7 +75,7 @@ if [[ -z "$python" ]]; then
     fi
     step="installing csm-speech with its train and eval extras (uv sync)"
     echo "== installing csm-speech[train,eval] into $here/.venv"
-    (cd "$here" && uv sync --quiet --extra train --extra eval)
+    (cd "$here" && uv sync --quiet --inexact --extra train --extra eval)  # --inexact: keep other extras
 fi
 
 step="finding the folders"
