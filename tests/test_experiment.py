@@ -1,6 +1,7 @@
 """The one-command experiment: `csm-finetune make-dialogues` (espeak-ng speaking scripted two-speaker
 dialogues) and `run_experiment.sh` end to end (dialogues, prepare, csm-train of the tiny preset,
-the `csm chat --mode test` demo) on the tiny random model as base, offline."""
+the `csm chat --mode test` demo), offline: the tiny random test model's tokenizer and Mimi stand in
+for the Hub's."""
 
 from __future__ import annotations
 
@@ -76,18 +77,40 @@ def test_make_dialogues_refuses_what_it_would_overwrite(tmp_path, monkeypatch):
     assert not (tmp_path / "y").exists()
 
 
+def fake_hub_cache(cache: Path, files: dict[tuple[str, str], Path]) -> Path:
+    """A Hugging Face cache folder holding `files` ({(repo, filename): local file}) at revision
+    main, as hf_hub_download leaves them: what it finds offline (HF_HUB_OFFLINE=1)."""
+    revision = "0" * 40
+    for (repo, name), source in files.items():
+        folder = cache / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(revision)
+        (folder / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+        (folder / "snapshots" / revision / name).symlink_to(source)
+    return cache
+
+
 def test_run_experiment_end_to_end(tmp_path, tiny_model_dir, watermark_dir):
+    """The default path (no CSM_EXPERIMENT_BASE: the base is made from the Hub's tokenizer and
+    Mimi files), with the tiny test model's tokenizer and Mimi standing in for the Hub's."""
+    from csm.mimi_files import MIMI_FILE, MIMI_REPO
+    from csm.training.experiment import TOKENIZER_REPO
+
     require_espeak("run_experiment.sh speaks its dialogues with it")
     pytest.importorskip("tensorboard", reason="the experiment logs to TensorBoard: pip install 'csm-speech[train]'")
     out = tmp_path / "exp"
+    cache = fake_hub_cache(tmp_path / "hub", {(TOKENIZER_REPO, "tokenizer.json"): tiny_model_dir / "tokenizer.json",
+                                              (MIMI_REPO, MIMI_FILE): tiny_model_dir / MIMI_FILE})
     env = {**os.environ, "CSM_EXPERIMENT_PYTHON": sys.executable, "CSM_EXPERIMENT_DIR": str(out),
-           "CSM_EXPERIMENT_BASE": str(tiny_model_dir), "CSM_EXPERIMENT_STEPS": str(STEPS),
-           "CSM_EXPERIMENT_SAVE_EVERY": str(SAVE_EVERY), "CSM_EXPERIMENT_DIALOGUES": "2",
-           "CSM_EXPERIMENT_DEMO_MS": "500", "CSM_EXPERIMENT_EVAL_CONVERSATIONS": "0",
-           "CSM_EXPERIMENT_WATERMARK_MODEL": str(watermark_dir), "HF_HUB_OFFLINE": "1",
+           "CSM_EXPERIMENT_STEPS": str(STEPS), "CSM_EXPERIMENT_SAVE_EVERY": str(SAVE_EVERY),
+           "CSM_EXPERIMENT_DIALOGUES": "2", "CSM_EXPERIMENT_DEMO_MS": "500", "CSM_EXPERIMENT_EVAL_CONVERSATIONS": "0",
+           "CSM_EXPERIMENT_WATERMARK_MODEL": str(watermark_dir), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
            "OMP_NUM_THREADS": "1"}  # torch's threads spin against each other on a busy 2-core machine
+    env.pop("CSM_EXPERIMENT_BASE", None)
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (out / "base" / "tokenizer.json").read_bytes() == (tiny_model_dir / "tokenizer.json").read_bytes()
+    assert (out / "base" / MIMI_FILE).stat().st_size == (tiny_model_dir / MIMI_FILE).stat().st_size
 
     listed = dict(re.findall(r"^[ \t]*([a-zA-Z ]+):[ \t]+(\S+)", r.stdout.split("== done.")[1], re.M))
     for what in ("data", "prepared data", "config", "run folder", "checkpoints", "metrics", "TensorBoard logs",
@@ -129,3 +152,6 @@ def test_run_experiment_names_the_step_that_failed(tmp_path):
     assert r.returncode != 0
     assert "--steps" in r.stderr and "failed while writing the config" in r.stderr
     assert not (tmp_path / "exp" / "dialogues").exists()
+    env |= {"CSM_EXPERIMENT_STEPS": "3", "CSM_EXPERIMENT_BASE": str(tmp_path / "no-such-model")}
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "CSM_EXPERIMENT_BASE" in r.stderr and "is not a folder" in r.stderr
