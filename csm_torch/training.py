@@ -25,6 +25,7 @@ from torch import nn
 
 from csm.checkpoint import Checkpoint
 from csm.errors import CsmError
+from csm.files import write_file_atomic
 from csm.training.config import TrainConfig
 from csm.training.loop import LossScale, LossSums, TrainingBackend
 from csm.training.objective import Batch, FrameSelection
@@ -265,9 +266,7 @@ class TorchTrainer(TrainingBackend):
         if optimizer:
             state["optimizer"] = self._optimizer_state()
         if self.rank == 0:
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            write_file_atomic(path, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         sharded = self.parallel == "fsdp"

@@ -12,7 +12,6 @@ A dataset is a `PreparedDataset`, the path of a prepared folder, raw data in any
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 from csm.backends import select_backend
 from csm.checkpoint import open_checkpoint
 from csm.errors import CsmError
+from csm.files import write_json_atomic
 from csm.mimi_files import FRAME_MS, MIMI_FILE
 from csm.text import load_tokenizer
 from csm.training.config import TrainConfig, config_from
@@ -299,9 +299,7 @@ class CSMFineTuner:
         out.mkdir(parents=True, exist_ok=True)
 
     def _write_run_file(self) -> None:
-        tmp = self.output_dir / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        os.replace(tmp, self.output_dir / RUN_FILE)
+        write_json_atomic(self.output_dir / RUN_FILE, self.config.to_dict())
 
 
 def _base_model_reference(model_path: str) -> str:
