@@ -73,6 +73,7 @@ class TorchTrainer(TrainingBackend):
     def __init__(self, config: TrainConfig, ckpt: Checkpoint, base_model: str, adapter=None):
         self.config = config
         self.base_model = base_model
+        self.model_config = ckpt.config  # carried by every checkpoint, so that each loads alone
         self._init_distributed(config)
         self.precision = self._precision(config)
         # frozen weights of a LoRA run may live in bf16 on a GPU; trained ones are float32
@@ -258,6 +259,7 @@ class TorchTrainer(TrainingBackend):
     def save_checkpoint(self, path: Path, extra: dict[str, Any], optimizer: bool = True) -> None:
         state: dict[str, Any] = {"extra": json.dumps(extra)}  # plain JSON: loadable with weights_only=True
         if self.config.method == "full":
+            state["csm_config"] = json.dumps(self.model_config.to_dict())
             # the whole model under "model" (csm's names), which `open_checkpoint` reads from a .pt:
             # the file loads with csm.load(path, backbone_flavor=...); the trained ones are among them
             state["model"] = self._model_state()

@@ -105,6 +105,10 @@ def test_config_run_writes_named_checkpoints_that_load(whole_run):
                        tokenizer=str(run / "initial_model"), mimi=str(run / "initial_model"), **flavors)
         audio = gen.generate("Hi.", speaker=0, max_audio_length_ms=240, seed=0, watermark=False)
         assert audio.ndim == 1 and audio.size > 0
+    # the file says what it is: copied anywhere, it loads without the flavors too
+    alone = csm.load(str(checkpoints / snapshots[-1]), backend="torch", device="cpu", dtype="float32",
+                     tokenizer=str(run / "initial_model"), mimi=str(run / "initial_model"))
+    assert alone.config == gen.config
 
 
 @pytest.mark.parametrize(("change", "flags", "message"), [
