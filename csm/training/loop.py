@@ -339,6 +339,8 @@ def run_training(
                 backend.save_checkpoint(checkpoints / f"model_epoch{state.epoch}_step{state.step}{suffix}",
                                         {"version": CHECKPOINT_VERSION, "state": vars(state),
                                          "config": config.to_dict()}, optimizer=False)
+                if is_main and config.keep_snapshots:
+                    _drop_old_snapshots(checkpoints, suffix, config.keep_snapshots)
         if state.group >= len(groups):
             state.epoch, state.group = state.epoch + 1, 0
             if not config.eval_every:
@@ -366,6 +368,17 @@ def _install(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.is_file():
             write_file_atomic(dst / f.name, lambda tmp, f=f: shutil.copy2(f, tmp))
+
+
+def _drop_old_snapshots(checkpoints: Path, suffix: str, keep: int) -> None:
+    """Only the newest `keep` model_epoch*_step* snapshots stay (by step)."""
+    snapshots = []
+    for path in checkpoints.glob(f"model_epoch*_step*{suffix}"):
+        step = path.stem.rpartition("_step")[2]
+        if step.isdigit():
+            snapshots.append((int(step), path))
+    for _, path in sorted(snapshots)[:-keep]:
+        path.unlink(missing_ok=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

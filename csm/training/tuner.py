@@ -34,7 +34,8 @@ SAMPLE_MS = 10_000  # longest sample clip
 RUN_SETTINGS = {"data", "audio_dir", "transcript_dir", "validation_data", "batch_size", "batch_frames", "epochs",
                 "max_steps", "grad_accum", "max_grad_norm", "warmup_steps", "learning_rate", "semantic_weight",
                 "acoustic_weight", "decoder_fraction", "train_on", "context_turns", "validation_split", "eval_every",
-                "patience", "save_every", "sample_prompts", "merge", "speaker_id", "style_name", "eval_conversations"}
+                "patience", "save_every", "sample_prompts", "merge", "speaker_id", "style_name", "eval_conversations",
+                "keep_snapshots"}
 # what a run writes into its output folder; anything else there is the user's
 RUN_OUTPUTS = {"checkpoints", "metrics.jsonl", RUN_FILE, "data", "validation_data", "samples",
                "adapter_model.safetensors", "adapter_config.json", "csm_adapter.json", "model.safetensors",
