@@ -56,7 +56,8 @@ def _config(tmp_path, tiny_model_dir, prepared, **changes) -> dict:
     return {
         "model": {"backbone_flavor": _dims(config.backbone), "decoder_flavor": _dims(config.decoder),
                   "text_vocab_size": TEXT_VOCAB, "base": str(tiny_model_dir), "init_seed": 1},
-        "output_dir": str(tmp_path / "run"), "data": str(prepared), "epochs": 3, "batch_size": 1,
+        # two micro-batches a step: accumulation under DDP, FSDP and resuming is part of every run here
+        "output_dir": str(tmp_path / "run"), "data": str(prepared), "epochs": 3, "batch_size": 1, "grad_accum": 2,
         "learning_rate": 1e-3, "warmup_steps": 0, "save_every": 2, "precision": "float32", "device": "cpu",
         "backend": "torch", "decoder_fraction": 0.5, "patience": 0,
         "logging": {"tensorboard": True}, **changes,
