@@ -78,6 +78,24 @@ def _read_ckpt_pt(path: Path) -> dict[str, Any]:
     return state
 
 
+def _embedded_config(path: Path) -> dict | None:
+    """The model config a csm training checkpoint carries (`"csm_config"`, JSON), so that one
+    loads alone, wherever it is copied; None for any other file."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        return None  # reading the tensors reports what is wrong with the file
+    text = state.get("csm_config") if isinstance(state, dict) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise CheckpointError(f"{path} carries a model config that is not JSON (a damaged file?)") from None
+
+
 def _safe_open(path: Path, framework: str):
     from safetensors import safe_open
 
@@ -152,8 +170,8 @@ def open_checkpoint(path: str | Path, backbone_flavor: str | TransformerConfig |
                     decoder_flavor: str | TransformerConfig | dict | None = None) -> Checkpoint:
     """The checkpoint at `path`: a model folder or one weights file. Its config comes from
     `backbone_flavor` / `decoder_flavor` when given (flavor names or dims; they win over a config.json
-    beside the weights), else from the config.json beside it, else from its shapes when they are
-    exactly a preset's."""
+    beside the weights), else from the config.json beside it, else from the config a csm training
+    checkpoint (.pt) carries, else from its shapes when they are exactly a preset's."""
     path = Path(path)
     if not path.exists():
         raise CsmError(f"model not found: {path}")
@@ -166,6 +184,8 @@ def open_checkpoint(path: str | Path, backbone_flavor: str | TransformerConfig |
     root = path if path.is_dir() else path.parent
     config_file = root / "config.json"
     settings = read_json(config_file, "config file") if config_file.is_file() else None  # read once
+    if settings is None and path.is_file() and path.suffix in (".pt", ".pth"):
+        settings = _embedded_config(path)
     config = _config_for(path, settings, shapes, fmt, backbone_flavor, decoder_flavor)
     quantization = settings.get("quantization") if isinstance(settings, dict) else None
     return Checkpoint(root=root, files=files, format=fmt, config=config, quantization=quantization)

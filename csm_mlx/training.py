@@ -9,7 +9,6 @@ PyTorch here: a checkpoint is safetensors, the result is written from numpy arra
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from csm.checkpoint import Checkpoint
 from csm.errors import CsmError
+from csm.files import write_file_atomic
 from csm.training.config import TrainConfig
 from csm.training.loop import LossScale, LossSums, TrainingBackend
 from csm.training.objective import Batch, FrameSelection
@@ -231,10 +231,9 @@ class MlxTrainer(TrainingBackend):
         arrays = {f"trainable/{k}": v for k, v in self.trainable_state().items()}
         if optimizer:
             arrays |= {f"optimizer/{k}": v for k, v in tree_flatten(self.optimizer.state)}
-        # mx.save_safetensors names its file *.safetensors: the temporary one ends so too
-        tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-        mx.save_safetensors(str(tmp), arrays, metadata={"extra": json.dumps(extra)})
-        os.replace(tmp, path)
+        # mx.save_safetensors wants a *.safetensors name: write_file_atomic's temporary one ends so too
+        metadata = {"extra": json.dumps(extra)}
+        write_file_atomic(path, lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata=metadata))
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         try:

@@ -25,6 +25,7 @@ from torch import nn
 
 from csm.checkpoint import Checkpoint
 from csm.errors import CsmError
+from csm.files import write_file_atomic
 from csm.training.config import TrainConfig
 from csm.training.loop import LossScale, LossSums, TrainingBackend
 from csm.training.objective import Batch, FrameSelection
@@ -72,6 +73,7 @@ class TorchTrainer(TrainingBackend):
     def __init__(self, config: TrainConfig, ckpt: Checkpoint, base_model: str, adapter=None):
         self.config = config
         self.base_model = base_model
+        self.model_config = ckpt.config  # carried by every checkpoint, so that each loads alone
         self._init_distributed(config)
         self.precision = self._precision(config)
         # frozen weights of a LoRA run may live in bf16 on a GPU; trained ones are float32
@@ -257,6 +259,7 @@ class TorchTrainer(TrainingBackend):
     def save_checkpoint(self, path: Path, extra: dict[str, Any], optimizer: bool = True) -> None:
         state: dict[str, Any] = {"extra": json.dumps(extra)}  # plain JSON: loadable with weights_only=True
         if self.config.method == "full":
+            state["csm_config"] = json.dumps(self.model_config.to_dict())
             # the whole model under "model" (csm's names), which `open_checkpoint` reads from a .pt:
             # the file loads with csm.load(path, backbone_flavor=...); the trained ones are among them
             state["model"] = self._model_state()
@@ -265,9 +268,7 @@ class TorchTrainer(TrainingBackend):
         if optimizer:
             state["optimizer"] = self._optimizer_state()
         if self.rank == 0:
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            write_file_atomic(path, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         sharded = self.parallel == "fsdp"

@@ -1,6 +1,7 @@
 """`csm-train --config`: a new tiny model trained from one config file; bad settings as one error
-line; a SIGKILLed run resumed bit-exactly; the named checkpoints load with csm.load; TensorBoard
-event files."""
+line; a SIGKILLed run resumed bit-exactly; a two-process FSDP run resumed by one process; the
+named checkpoints load with csm.load; TensorBoard event files; the conversational evaluation at
+the end of a run."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def _config(tmp_path, tiny_model_dir, prepared, **changes) -> dict:
     return {
         "model": {"backbone_flavor": _dims(config.backbone), "decoder_flavor": _dims(config.decoder),
                   "text_vocab_size": TEXT_VOCAB, "base": str(tiny_model_dir), "init_seed": 1},
-        "output_dir": str(tmp_path / "run"), "data": str(prepared), "epochs": 3, "batch_size": 1,
+        # two micro-batches a step: accumulation under DDP, FSDP and resuming is part of every run here
+        "output_dir": str(tmp_path / "run"), "data": str(prepared), "epochs": 3, "batch_size": 1, "grad_accum": 2,
         "learning_rate": 1e-3, "warmup_steps": 0, "save_every": 2, "precision": "float32", "device": "cpu",
         "backend": "torch", "decoder_fraction": 0.5, "patience": 0,
         "logging": {"tensorboard": True}, **changes,
@@ -105,6 +107,10 @@ def test_config_run_writes_named_checkpoints_that_load(whole_run):
                        tokenizer=str(run / "initial_model"), mimi=str(run / "initial_model"), **flavors)
         audio = gen.generate("Hi.", speaker=0, max_audio_length_ms=240, seed=0, watermark=False)
         assert audio.ndim == 1 and audio.size > 0
+    # the file says what it is: copied anywhere, it loads without the flavors too
+    alone = csm.load(str(checkpoints / snapshots[-1]), backend="torch", device="cpu", dtype="float32",
+                     tokenizer=str(run / "initial_model"), mimi=str(run / "initial_model"))
+    assert alone.config == gen.config
 
 
 @pytest.mark.parametrize(("change", "flags", "message"), [
@@ -163,8 +169,8 @@ def test_wandb_without_the_package_is_refused_up_front(tmp_path, capsys):
 
 def test_fsdp_run_on_two_processes_resumes_on_one(whole_run, tmp_path):
     """torchrun with two processes under FSDP (each holding half of every weight and of the
-    optimizer state), killed mid-run, resumed by one process: the result equals the uninterrupted
-    one-process run (to rounding: the gradient is summed in another order)."""
+    optimizer state; activations recomputed), killed mid-run, resumed by one process: the result
+    equals the uninterrupted one-process run (to rounding: the gradient is summed in another order)."""
     from safetensors.torch import load_file
 
     config, whole = whole_run
@@ -172,9 +178,9 @@ def test_fsdp_run_on_two_processes_resumes_on_one(whole_run, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                 "csm.train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    killed = subprocess.Popen([*torchrun, "--config", _write(tmp_path / "config.json", config | {
-        "output_dir": str(run), "parallel": "fsdp"})], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True)
+    sharded = config | {"output_dir": str(run), "parallel": "fsdp", "gradient_checkpointing": True}
+    killed = subprocess.Popen([*torchrun, "--config", _write(tmp_path / "config.json", sharded)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and killed.poll() is None:  # kill every process mid-run
@@ -209,7 +215,8 @@ def test_run_ends_with_a_conversational_evaluation(tiny_model_dir, tmp_path, cap
             lines.append({"audio": f"c{c}t{t}.wav", "text": CLIPS[t], "speaker": t % 2, "conversation": f"c{c}"})
     (tmp_path / "talk.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     config = _config(tmp_path, tiny_model_dir, None) | {
-        "data": str(tmp_path / "talk.jsonl"), "validation_split": 0.34, "epochs": 1, "save_every": 100,
+        "data": str(tmp_path / "talk.jsonl"), "validation_split": 0.34, "epochs": 1, "save_every": 1,
+        "keep_snapshots": 2,
         "logging": {"tensorboard": False}, "evaluation": {"eval_conversations": 4}}
     with pytest.raises(SystemExit) as exc:
         main(["--config", _write(tmp_path / "config.json", config)])
@@ -223,3 +230,6 @@ def test_run_ends_with_a_conversational_evaluation(tiny_model_dir, tmp_path, cap
     assert set(report["summary"]["speakers"]) == {"0", "1"} and report["summary"]["eos_rate"] is not None
     assert (tmp_path / "run" / "evaluation" / "conversations.png").stat().st_size > 1000
     assert "similarity_to_real" in out and "conversations.json" in out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kept = sorted((tmp_path / "run" / "checkpoints").glob("model_epoch*_step*.pt"))
+    assert [p.name for p in kept] == [f"model_epoch0_step{s}.pt" for s in (max(steps) - 1, max(steps))]

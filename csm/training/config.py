@@ -91,6 +91,8 @@ class TrainConfig:
     patience: int | None = field(default=3, metadata={
         "help": "stop after this many validations without improvement (0: never stop early)"})
     save_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N optimizer steps"})
+    keep_snapshots: int | None = field(default=None, metadata={
+        "help": "keep only the newest N model_epoch*_step* snapshots (default: all of them)"})
     sample_prompts: list[str] = field(default_factory=list, metadata={
         "help": "texts spoken at each validation into samples/ (fixed seed)"})
     merge: bool = field(default=False, metadata={"help": "also write the merged full model (LoRA runs)"})
@@ -146,6 +148,8 @@ class TrainConfig:
         need(self.eval_every is None or self.eval_every >= 1, "eval_every must be at least 1")
         need(self.patience is None or self.patience >= 0, "patience must be 0 or more")
         need(self.save_every >= 1, "save_every must be at least 1")
+        need(self.keep_snapshots is None or self.keep_snapshots >= 1, "keep_snapshots must be at least 1 (or unset: "
+                                                                       "keep every snapshot)")
         need(self.eval_conversations is None or self.eval_conversations >= 0, "eval_conversations must be 0 or more")
         need(self.max_clip_seconds > 0, "max_clip_seconds must be positive")
         need(self.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")

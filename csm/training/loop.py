@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from csm.errors import CsmError
+from csm.files import write_bytes_atomic, write_file_atomic
 from csm.mimi_files import FRAME_MS
 from csm.training.batching import cosine_lr, epoch_batches
 from csm.training.config import TrainConfig
@@ -339,6 +339,8 @@ def run_training(
                 backend.save_checkpoint(checkpoints / f"model_epoch{state.epoch}_step{state.step}{suffix}",
                                         {"version": CHECKPOINT_VERSION, "state": vars(state),
                                          "config": config.to_dict()}, optimizer=False)
+                if is_main and config.keep_snapshots:
+                    _drop_old_snapshots(checkpoints, suffix, config.keep_snapshots)
         if state.group >= len(groups):
             state.epoch, state.group = state.epoch + 1, 0
             if not config.eval_every:
@@ -365,15 +367,22 @@ def _install(src: Path, dst: Path) -> None:
 
     for f in src.iterdir():
         if f.is_file():
-            tmp = dst / f".{f.name}.tmp"
-            shutil.copy2(f, tmp)
-            os.replace(tmp, dst / f.name)
+            write_file_atomic(dst / f.name, lambda tmp, f=f: shutil.copy2(f, tmp))
+
+
+def _drop_old_snapshots(checkpoints: Path, suffix: str, keep: int) -> None:
+    """Only the newest `keep` model_epoch*_step* snapshots stay (by step)."""
+    snapshots = []
+    for path in checkpoints.glob(f"model_epoch*_step*{suffix}"):
+        step = path.stem.rpartition("_step")[2]
+        if step.isdigit():
+            snapshots.append((int(step), path))
+    for _, path in sorted(snapshots)[:-keep]:
+        path.unlink(missing_ok=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())

@@ -12,7 +12,6 @@ A dataset is a `PreparedDataset`, the path of a prepared folder, raw data in any
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 from csm.backends import select_backend
 from csm.checkpoint import open_checkpoint
 from csm.errors import CsmError
+from csm.files import write_json_atomic
 from csm.mimi_files import FRAME_MS, MIMI_FILE
 from csm.text import load_tokenizer
 from csm.training.config import TrainConfig, config_from
@@ -34,7 +34,8 @@ SAMPLE_MS = 10_000  # longest sample clip
 RUN_SETTINGS = {"data", "audio_dir", "transcript_dir", "validation_data", "batch_size", "batch_frames", "epochs",
                 "max_steps", "grad_accum", "max_grad_norm", "warmup_steps", "learning_rate", "semantic_weight",
                 "acoustic_weight", "decoder_fraction", "train_on", "context_turns", "validation_split", "eval_every",
-                "patience", "save_every", "sample_prompts", "merge", "speaker_id", "style_name", "eval_conversations"}
+                "patience", "save_every", "sample_prompts", "merge", "speaker_id", "style_name", "eval_conversations",
+                "keep_snapshots"}
 # what a run writes into its output folder; anything else there is the user's
 RUN_OUTPUTS = {"checkpoints", "metrics.jsonl", RUN_FILE, "data", "validation_data", "samples",
                "adapter_model.safetensors", "adapter_config.json", "csm_adapter.json", "model.safetensors",
@@ -299,9 +300,7 @@ class CSMFineTuner:
         out.mkdir(parents=True, exist_ok=True)
 
     def _write_run_file(self) -> None:
-        tmp = self.output_dir / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        os.replace(tmp, self.output_dir / RUN_FILE)
+        write_json_atomic(self.output_dir / RUN_FILE, self.config.to_dict())
 
 
 def _base_model_reference(model_path: str) -> str:
