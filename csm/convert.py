@@ -32,7 +32,7 @@ import click
 from csm.checkpoint import Checkpoint, iter_tensors, open_checkpoint, tensor_shapes
 from csm.config import flavor_name, to_official_dict, to_transformers_dict
 from csm.errors import CheckpointError, CsmError
-from csm.files import folder_atomic
+from csm.files import folder_atomic, link_or_copy
 from csm.hub import resolve_model
 from csm.mimi_files import (
     CODEC_PREFIX,
@@ -106,7 +106,7 @@ def _write_codec(found: tuple[str, Path], ckpt: Checkpoint, to: str, tmp: Path, 
     kind, location = found
     if to != "transformers":
         if kind == KYUTAI_FILE:
-            shutil.copy2(location, tmp / MIMI_FILE)
+            link_or_copy(location, tmp / MIMI_FILE)
         else:
             from safetensors.torch import save_file  # here only: a copy (an MLX run's) needs no torch
 

@@ -30,6 +30,20 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], object]) 
     return path
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """`dst` made the same file as `src` (a hard link) where the file system allows, else a copy
+    of it. For weights that no writer here ever changes in place (each replaces its file whole),
+    so sharing them is safe: a 385 MB Mimi, or a model's weights, then costs nothing to place in
+    another folder of the same disk."""
+    dst = Path(dst)
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)
+    return dst
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return write_file_atomic(path, lambda tmp: tmp.write_bytes(data))
 

@@ -41,7 +41,7 @@ from csm.config import (
     transformers_stack,
 )
 from csm.errors import CsmError, read_json
-from csm.files import folder_atomic
+from csm.files import folder_atomic, link_or_copy
 from csm.mimi_files import CODEBOOK_SIZE, MIMI_FILE
 from csm.text import TOKENIZER_FILE, TextTokenizer
 from csm.weights import check_complete, csm_tensors, expected_shapes
@@ -162,7 +162,7 @@ def _write_folder(tmp: Path, config: CsmConfig, state: dict, tokenizer_file: Pat
         from csm.mimi_files import resolve_mimi_weights
 
         _, path = resolve_mimi_weights(None, mimi)
-        shutil.copy2(path, tmp / MIMI_FILE)
+        link_or_copy(path, tmp / MIMI_FILE)
     elif base_ckpt is not None and (found := _find_mimi(base_ckpt, None, "csm")) is not None:
         _write_codec(found, base_ckpt, "csm", tmp, lambda t: t)
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from csm.errors import CsmError
-from csm.files import write_bytes_atomic, write_file_atomic
+from csm.files import link_or_copy, write_bytes_atomic, write_file_atomic
 from csm.mimi_files import FRAME_MS
 from csm.training.batching import cosine_lr, epoch_batches
 from csm.training.config import TrainConfig
@@ -216,14 +216,29 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def plan_epochs(lengths: list[int], config: TrainConfig) -> list[list[list[int]]]:
-    return [epoch_batches(lengths, config.batch_size, config.batch_frames, config.seed, e)
-            for e in range(config.epochs)]
+class EpochPlan:
+    """The batches of each epoch (a function of the seed and the epoch), made when first asked
+    for: a run bounded by max_steps may name any number of epochs without planning them all."""
+
+    def __init__(self, lengths: list[int], config: TrainConfig):
+        self.lengths, self.config = lengths, config
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def __getitem__(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            c = self.config
+            self._epochs[epoch] = epoch_batches(self.lengths, c.batch_size, c.batch_frames, c.seed, epoch)
+        return self._epochs[epoch]
 
 
-def total_steps(plan: list[list[list[int]]], config: TrainConfig) -> int:
-    steps = sum(math.ceil(len(batches) / config.grad_accum) for batches in plan)
-    return min(steps, config.max_steps) if config.max_steps else steps
+def total_steps(plan: EpochPlan, config: TrainConfig) -> int:
+    """Optimizer steps of the run: every epoch's, up to max_steps."""
+    steps = 0
+    for epoch in range(config.epochs):
+        steps += math.ceil(len(plan[epoch]) / config.grad_accum)
+        if config.max_steps and steps >= config.max_steps:
+            return config.max_steps
+    return steps
 
 
 def run_training(
@@ -248,7 +263,7 @@ def run_training(
     if is_main:
         checkpoints.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(output_dir / "metrics.jsonl", is_main)
-    plan = plan_epochs([len(f) for f in train], config)
+    plan = EpochPlan([len(f) for f in train], config)
     steps = total_steps(plan, config)
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(WARMUP_SHARE * steps)
     state = RunState()
@@ -354,7 +369,7 @@ def run_training(
     backend.barrier()
     if state.best_step is not None:  # the weights in memory are the result's too
         backend.load_checkpoint(best_state)
-    epochs_done = state.epoch + state.group / max(1, math.ceil(len(plan[min(state.epoch, len(plan) - 1)])
+    epochs_done = state.epoch + state.group / max(1, math.ceil(len(plan[min(state.epoch, config.epochs - 1)])
                                                                 / config.grad_accum))
     return TrainResult(steps=state.step, epochs_completed=epochs_done, best_validation_loss=state.best_loss,
                        best_step=state.best_step, stopped_early=state.stopped_early, last_metrics=last,
@@ -362,12 +377,10 @@ def run_training(
 
 
 def _install(src: Path, dst: Path) -> None:
-    """Copy the files of folder `src` into `dst`, each replaced atomically."""
-    import shutil
-
+    """The files of folder `src` into `dst` (hard links where the disk allows), each replaced atomically."""
     for f in src.iterdir():
         if f.is_file():
-            write_file_atomic(dst / f.name, lambda tmp, f=f: shutil.copy2(f, tmp))
+            write_file_atomic(dst / f.name, lambda tmp, f=f: link_or_copy(f, tmp))
 
 
 def _drop_old_snapshots(checkpoints: Path, suffix: str, keep: int) -> None:
