@@ -98,3 +98,24 @@ def watermark_dir(tmp_path_factory):
     from fakes.watermark import make_random_watermark_dir
 
     return make_random_watermark_dir(tmp_path_factory.mktemp("silentcipher"))
+
+
+@pytest.fixture
+def cli_main(tmp_path, monkeypatch, capsys):
+    """run(args, module) calls a CLI's `main` in this process, in `tmp_path`, on one torch thread,
+    and returns what it wrote to stderr; an error exits (SystemExit) with its one line. A
+    subprocess per run would import torch and load the model again (10-20 s each): keep those
+    (test_cli.run_cli) for exit codes, one-line errors and a real process end to end."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CSM_WATERMARK_MODEL", raising=False)
+
+    def run(args, module: str = "csm.cli.generate") -> str:
+        main = importlib.import_module(module).main
+        capsys.readouterr()
+        with _one_torch_thread():
+            main([str(a) for a in args])
+        return capsys.readouterr().err
+
+    return run

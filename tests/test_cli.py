@@ -45,24 +45,22 @@ def test_generates_a_wav_matching_the_frames(tmp_path, base_args):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.wav")]  # no temp file left
 
 
-def test_context_file_with_audio(tmp_path, base_args):
+def test_context_file_with_audio(tmp_path, base_args, cli_main):
     t = np.arange(MODEL_SAMPLE_RATE // 2) / 16_000
     stereo = np.stack([np.sin(2 * np.pi * 200 * t), np.sin(2 * np.pi * 300 * t)], axis=1) * 0.3
     sf.write(tmp_path / "turn1.wav", stereo, 16_000)  # other rate, two channels: resampled and averaged
     (tmp_path / "ctx.json").write_text(json.dumps([{"speaker": 1, "text": "Hi!", "audio": "turn1.wav"}]))
-    r = run_cli(["--text", "Hello.", *base_args, "--context", "ctx.json", "-o", "out.wav", "--no-watermark"], tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "warning: --no-watermark" in r.stderr
+    err = cli_main(["--text", "Hello.", *base_args, "--context", "ctx.json", "-o", "out.wav", "--no-watermark"])
+    assert "warning: --no-watermark" in err
     assert sf.info(str(tmp_path / "out.wav")).frames == 5 * 1920
 
 
-def test_refuses_to_overwrite_without_force(tmp_path, base_args):
+def test_refuses_to_overwrite_without_force(tmp_path, base_args, cli_main):
     (tmp_path / "out.wav").write_bytes(b"precious")
     r = run_cli(["--text", "Hello.", *base_args, "-o", "out.wav"], tmp_path)
     assert_one_line_error(r, "already exists", "--force")
     assert (tmp_path / "out.wav").read_bytes() == b"precious"
-    r = run_cli(["--text", "Hello.", *base_args, "-o", "out.wav", "--force", "--no-watermark"], tmp_path)
-    assert r.returncode == 0, r.stderr
+    cli_main(["--text", "Hello.", *base_args, "-o", "out.wav", "--force", "--no-watermark"])
     assert sf.info(str(tmp_path / "out.wav")).frames == 5 * 1920
 
 

@@ -27,24 +27,21 @@ def read(path):
     return sf.read(str(path), dtype="float32")[0]
 
 
-def test_streamed_wav_has_the_samples_of_a_whole_clip_run(tmp_path, base_args):
+def test_streamed_wav_has_the_samples_of_a_whole_clip_run(tmp_path, base_args, cli_main):
     args = ["--text", "Hello there.", *base_args, "--no-watermark"]
-    r = run_cli([*args, "--stream", "--first-chunk-frames", 3, "--chunk-frames", 4, "-o", "streamed.wav"], tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "10 frames" in r.stderr and "RTF" in r.stderr and "first audio after" in r.stderr
+    err = cli_main([*args, "--stream", "--first-chunk-frames", 3, "--chunk-frames", 4, "-o", "streamed.wav"])
+    assert "10 frames" in err and "RTF" in err and "first audio after" in err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".streamed.wav")]  # written atomically
-    r = run_cli([*args, "-o", "whole.wav"], tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "first audio after" not in r.stderr
+    err = cli_main([*args, "-o", "whole.wav"])
+    assert "first audio after" not in err
     streamed, whole = read(tmp_path / "streamed.wav"), read(tmp_path / "whole.wav")
     assert streamed.shape == whole.shape == (10 * 1920,)
     assert np.abs(streamed - whole).max() <= 1 / 32768  # 16-bit WAV: at most one step apart
 
 
-def test_streamed_and_watermarked_by_default(tmp_path, base_args):
-    r = run_cli(["--text", "Hello there.", *base_args, "--stream", "-o", "marked.wav"], tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "warning" not in r.stderr
+def test_streamed_and_watermarked_by_default(tmp_path, base_args, cli_main):
+    err = cli_main(["--text", "Hello there.", *base_args, "--stream", "-o", "marked.wav"])
+    assert "warning" not in err
     assert sf.info(str(tmp_path / "marked.wav")).frames == 10 * 1920
 
 
@@ -119,12 +116,9 @@ def fake_sounddevice(monkeypatch):
     return FakeOutputStream.instances
 
 
-def test_stream_play_feeds_every_sample_in_order(tmp_path, base_args, fake_sounddevice, monkeypatch, capsys):
-    from csm.cli.generate import main
-
-    monkeypatch.chdir(tmp_path)
-    main([str(a) for a in ["--text", "Hello there.", *base_args, "--no-watermark", "--stream", "--play",
-                           "--first-chunk-frames", 1, "--chunk-frames", 2, "-o", "out.wav"]])
+def test_stream_play_feeds_every_sample_in_order(tmp_path, base_args, fake_sounddevice, cli_main):
+    cli_main(["--text", "Hello there.", *base_args, "--no-watermark", "--stream", "--play", "--first-chunk-frames", 1,
+              "--chunk-frames", 2, "-o", "out.wav"])
     # (whether playback ran dry depends on this machine's speed: the underrun count is tested with a
     # device the test pulls itself, below; here every sample must arrive, in order, without a gap)
     (device,) = fake_sounddevice

@@ -18,6 +18,8 @@ from fakes.speech import FEMALE, MALE, require_espeak, speak
 
 pytest.importorskip("resemblyzer", reason="needs the eval extra: pip install 'csm-speech[eval]'")
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 LINES = [
     (0, "Did you see the game last night?"),
     (1, "I did, it was a close one."),

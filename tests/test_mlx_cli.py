@@ -18,22 +18,21 @@ def base_args(tiny_model_dir, watermark_dir):
             "--max-audio-length-ms", 400]
 
 
-def test_generates_a_watermarked_wav_on_mlx(tmp_path, base_args):
-    r = run_cli(["--text", "Hello there.", *base_args, "-o", "out.wav", "--seed", 3], tmp_path, module=MODULE)
-    assert r.returncode == 0, r.stderr
-    assert "on mlx/cpu" in r.stderr
-    frames = int(r.stderr.split(" frames)")[0].rsplit("(", 1)[1])
-    assert frames == 5 and "RTF" in r.stderr
+def test_generates_a_watermarked_wav_on_mlx(tmp_path, base_args, cli_main):
+    err = cli_main(["--text", "Hello there.", *base_args, "-o", "out.wav", "--seed", 3], module=MODULE)
+    assert "on mlx/cpu" in err
+    frames = int(err.split(" frames)")[0].rsplit("(", 1)[1])
+    assert frames == 5 and "RTF" in err
     info = sf.info(str(tmp_path / "out.wav"))
     assert info.samplerate == MODEL_SAMPLE_RATE and info.channels == 1 and info.frames == frames * 1920
     audio, _ = sf.read(str(tmp_path / "out.wav"))
     assert np.isfinite(audio).all() and np.abs(audio).max() > 0
 
 
-def test_same_wav_as_csm_generate_without_watermark(tmp_path, base_args):
+def test_same_wav_as_csm_generate_without_watermark(tmp_path, base_args, cli_main):
     args = ["--text", "Hello there.", *base_args, "--no-watermark"]
-    assert run_cli([*args, "-o", "mlx.wav"], tmp_path, module=MODULE).returncode == 0
-    assert run_cli([*args, "-o", "torch.wav", "--backend", "torch"], tmp_path).returncode == 0
+    cli_main([*args, "-o", "mlx.wav"], module=MODULE)
+    cli_main([*args, "-o", "torch.wav", "--backend", "torch"])
     ours, _ = sf.read(str(tmp_path / "mlx.wav"), dtype="float32")
     theirs, _ = sf.read(str(tmp_path / "torch.wav"), dtype="float32")
     assert ours.shape == theirs.shape
@@ -52,13 +51,12 @@ def test_backend_flag_is_fixed_and_quantize_is_checked(tmp_path, base_args):
     assert r.returncode == 0 and "--quantize" in r.stdout and "--backend" not in r.stdout
 
 
-def test_stream_flag_gives_the_whole_clip_samples_on_mlx(tmp_path, base_args):
+def test_stream_flag_gives_the_whole_clip_samples_on_mlx(tmp_path, base_args, cli_main):
     args = ["--text", "Hello there.", *base_args, "--no-watermark", "--seed", 5]
-    r = run_cli([*args, "--stream", "--first-chunk-frames", 1, "--chunk-frames", 3, "-o", "streamed.wav"], tmp_path,
-                module=MODULE)
-    assert r.returncode == 0, r.stderr
-    assert "on mlx/cpu" in r.stderr and "first audio after" in r.stderr
-    assert run_cli([*args, "-o", "whole.wav"], tmp_path, module=MODULE).returncode == 0
+    err = cli_main([*args, "--stream", "--first-chunk-frames", 1, "--chunk-frames", 3, "-o", "streamed.wav"],
+                   module=MODULE)
+    assert "on mlx/cpu" in err and "first audio after" in err
+    cli_main([*args, "-o", "whole.wav"], module=MODULE)
     streamed, _ = sf.read(str(tmp_path / "streamed.wav"), dtype="float32")
     whole, _ = sf.read(str(tmp_path / "whole.wav"), dtype="float32")
     assert streamed.shape == whole.shape == (5 * 1920,)

@@ -194,6 +194,23 @@ def _weights_base(base: str) -> dict:
     return dict(checkpoint_tensors(ckpt, torch.device("cpu"), torch.float32))
 
 
+def _with_positions(model_dir, dst, positions: int):
+    """`model_dir` (hard-linked, not copied) with a backbone of `positions` positions: the sample
+    clips' length is bounded by the positions left after the prompt, and the tiny random model
+    rarely stops, so each sample clip is then ~2.5 s instead of the 10 s cap."""
+    import json
+    import os
+
+    dst.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != "config.json":
+            os.link(f, dst / f.name)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["max_position_embeddings"] = positions
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
 def test_validation_keeps_best_and_speaks_samples(tiny_model_dir, watermark_dir, tmp_path, monkeypatch):
     """Validation every epoch on fixed frames: the best weights are the result, and each
     validation writes the sample prompts' clips."""
@@ -202,7 +219,8 @@ def test_validation_keeps_best_and_speaks_samples(tiny_model_dir, watermark_dir,
     monkeypatch.setenv("CSM_WATERMARK_MODEL", str(watermark_dir))
     rng = np.random.default_rng(0)
     examples = [random_example(rng, "a", 6), random_example(rng, "b", 9)]
-    tuner = CSMFineTuner(model_path=str(tiny_model_dir), output_dir=tmp_path / "voice", learning_rate=1e-2,
+    model = _with_positions(tiny_model_dir, tmp_path / "model", 48)
+    tuner = CSMFineTuner(model_path=str(model), output_dir=tmp_path / "voice", learning_rate=1e-2,
                          epochs=2, precision="float32", sample_prompts=["Hello there."])
     result = tuner.train(examples, val_dataset=examples)
     records = [json.loads(line) for line in (tmp_path / "voice" / "metrics.jsonl").read_text().splitlines()]
