@@ -360,7 +360,8 @@ def run_training(
             state.epoch, state.group = state.epoch + 1, 0
             if not config.eval_every:
                 validate()
-            checkpoint()
+            # no checkpoint here: a run resumes exactly from any step's, and an epoch of a few
+            # clips would otherwise write the whole model and optimizer state every step or two
     checkpoint()
     if state.best_step is None:
         backend.save_weights(output_dir)
