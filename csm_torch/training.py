@@ -29,6 +29,7 @@ from csm.files import write_file_atomic
 from csm.training.config import TrainConfig
 from csm.training.loop import LossScale, LossSums, TrainingBackend
 from csm.training.objective import Batch, FrameSelection
+from csm.training.processes import process_count
 from csm.training.targets import full_training_names, lora_target_regex, lr_scale, optimizer_group
 from csm_torch.loading import checkpoint_tensors, load_model, pick_device
 from csm_torch.model import Model
@@ -256,12 +257,18 @@ class TorchTrainer(TrainingBackend):
         return get_optimizer_state_dict(self.objective, self.optimizer,
                                         options=StateDictOptions(full_state_dict=full, cpu_offload=full))
 
+    def _takes_part_in_writes(self) -> bool:
+        """The first process writes; under FSDP the others take part in gathering what it writes."""
+        return self.rank == 0 or self.parallel == "fsdp"
+
     def save_checkpoint(self, path: Path, extra: dict[str, Any], optimizer: bool = True) -> None:
+        if not self._takes_part_in_writes():
+            return
         state: dict[str, Any] = {"extra": json.dumps(extra)}  # plain JSON: loadable with weights_only=True
         if self.config.method == "full":
+            # the whole model under "model" (csm's names) and its dims, which `open_checkpoint`
+            # reads from a .pt: the file loads with csm.load(path); the trained ones are among them
             state["csm_config"] = json.dumps(self.model_config.to_dict())
-            # the whole model under "model" (csm's names), which `open_checkpoint` reads from a .pt:
-            # the file loads with csm.load(path, backbone_flavor=...); the trained ones are among them
             state["model"] = self._model_state()
         else:
             state["trainable"] = self.trainable_state()
@@ -298,7 +305,7 @@ class TorchTrainer(TrainingBackend):
     def _load_optimizer(self, saved: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        if any(isinstance(k, int) for k in saved.get("state", {})):  # written by csm before 0.2: keyed by index
+        if any(isinstance(k, int) for k in saved.get("state", {})):  # written before states were keyed by name
             self.optimizer.load_state_dict(saved)
         else:
             set_optimizer_state_dict(self.objective, self.optimizer, saved)
@@ -324,9 +331,9 @@ class TorchTrainer(TrainingBackend):
         return json.loads(header[0]["extra"])
 
     def save_weights(self, out_dir: Path) -> None:
-        if self.config.method == "lora":  # never sharded (see TrainConfig.parallel)
-            if self.rank != 0:
-                return
+        if not self._takes_part_in_writes():
+            return
+        if self.config.method == "lora":  # never sharded (see TrainConfig.parallel): the first process alone
             from csm.training.outputs import write_run_adapter
 
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -375,8 +382,7 @@ def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process: under torchrun (WORLD_SIZE > 1) the process
     group is started (once; NCCL on GPUs, gloo on CPUs) and each process takes its LOCAL_RANK's
     GPU; alone, the best device there is (a training run on a Mac uses the CPU unless told `mps`)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if process_count() == 1:
         chosen = pick_device(device)
         if chosen.type == "mps" and device is None:
             chosen = torch.device("cpu")

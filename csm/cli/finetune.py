@@ -70,11 +70,16 @@ def _run(preset: str | None, config_file: str | None, resume: bool, force: bool,
         result = tuner.train(resume=resume, force=force, on_event=progress)
     finally:
         progress.close()
+    echo_result(result)
+    evaluate_after_training(tuner, tuner.config.eval_conversations or 0)
+
+
+def echo_result(result, where: str = "") -> None:
+    """The run's one summary line: steps, time, early stop, best validation, where it wrote."""
     best = "" if result.best_validation_loss is None else (
         f", best validation loss {result.best_validation_loss:.4f} at step {result.best_step}")
     early = " (stopped early)" if result.stopped_early else ""
-    click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s{early}{best}; wrote {result.output_dir}")
-    evaluate_after_training(tuner, tuner.config.eval_conversations or 0)
+    click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s{early}{best}; wrote {result.output_dir}{where}")
 
 
 def eval_extra_installed() -> bool:
@@ -94,11 +99,10 @@ def evaluate_after_training(tuner, count: int, *, optional: bool = False) -> Non
     """The result speaks `count` held-out conversations into <output_dir>/evaluation/ (the first
     process only). A data set without held-out conversations gets a note, not an error; so does a
     missing eval extra when the evaluation is `optional` (on by default, not asked for)."""
-    import os
-
     from csm.files import write_file_atomic, write_json_atomic
+    from csm.training.processes import is_first_process
 
-    if not count or int(os.environ.get("RANK", "0")) != 0:
+    if not count or not is_first_process():
         return
     if optional and not eval_extra_installed():
         click.echo("note: no conversational evaluation: it needs the eval extra (pip install 'csm-speech[eval]')",

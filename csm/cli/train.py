@@ -17,15 +17,15 @@ training is full fine-tuning of it (the `csm-finetune` run, loop and checkpoints
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import click
 
 from csm.cli.common import entry_point
-from csm.cli.finetune import _Progress, check_evaluation, evaluate_after_training, training_options
+from csm.cli.finetune import _Progress, check_evaluation, echo_result, evaluate_after_training, training_options
 from csm.errors import CsmError
+from csm.training.processes import is_first_process, process_count
 
 INITIAL_MODEL = "initial_model"
 # the `model` section: how the new model is made (`init_model`'s arguments)
@@ -118,7 +118,7 @@ def create_model(output_dir: Path, model: dict[str, Any], seed: int, force: bool
     from csm.training.init_model import init_model
 
     path = output_dir / INITIAL_MODEL
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_first_process():
         return path
     if path.is_dir() and not force:
         return path  # a run's model is made once: a new start trains the same initial weights
@@ -221,12 +221,12 @@ def command(config_file, resume, force, **given):
         check_wandb()
     if resume is None and makes_new_model(model_settings):
         # the first process checks (the others would see its files appear); the tuner checks again
-        first = int(os.environ.get("RANK", "0")) == 0
-        if first and not force and output_dir.is_dir() and any(p.name != INITIAL_MODEL for p in output_dir.iterdir()):
+        used = output_dir.is_dir() and any(p.name != INITIAL_MODEL for p in output_dir.iterdir())
+        if is_first_process() and not force and used:
             raise CsmError(f"{output_dir} already exists and is not empty; pass --resume "
                            f"{output_dir / 'checkpoints' / 'checkpoint_latest.pt'} to continue its run or --force "
                            "to start over (a new model and new checkpoints)")
-        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        distributed = process_count() > 1
         if distributed:  # the run's process group, started before the first process writes the model
             from csm_torch.training import init_distributed
 
@@ -249,11 +249,7 @@ def command(config_file, resume, force, **given):
     finally:
         progress.close()
         logger.close()
-    best = "" if result.best_validation_loss is None else (
-        f", best validation loss {result.best_validation_loss:.4f} at step {result.best_step}")
-    early = " (stopped early)" if result.stopped_early else ""
-    click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s{early}{best}; wrote {result.output_dir} "
-               f"(checkpoints in {result.output_dir / 'checkpoints'})")
+    echo_result(result, f" (checkpoints in {result.output_dir / 'checkpoints'})")
     asked = tuner.config.eval_conversations
     evaluate_after_training(tuner, EVAL_CONVERSATIONS if asked is None else asked, optional=asked is None)
 

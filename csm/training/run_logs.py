@@ -6,12 +6,12 @@ starts one itself: `csm-train` does, so a script calling `CSMFineTuner` stays qu
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from csm.errors import CsmError
+from csm.training.processes import is_first_process
 
 # record key -> the scalar's name; TensorBoard groups scalars by the part before "/"
 STEP_SCALARS = {"loss": "train/loss", "semantic_loss": "train/semantic_loss", "acoustic_loss": "train/acoustic_loss",
@@ -47,7 +47,7 @@ class RunLogger:
         self.wandb_project = wandb_project
         self.config = config or {}
         self.run_name = run_name
-        self.main = int(os.environ.get("RANK", "0")) == 0
+        self.main = is_first_process()
         self._tb = None
         self._wandb = None
 

@@ -27,6 +27,7 @@ from csm.text import load_tokenizer
 from csm.training.config import TrainConfig, config_from
 from csm.training.examples import Example, TrainingFrames, build_training_frames
 from csm.training.loop import TrainResult, evaluate, run_training
+from csm.training.processes import process_count
 
 RUN_FILE = "train_config.json"
 SAMPLE_MS = 10_000  # longest sample clip
@@ -157,7 +158,7 @@ class CSMFineTuner:
                            "use --method full")
         # Under torchrun the first process checks the folder and prepares the data while the
         # others wait, then they open what it prepared.
-        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        distributed = process_count() > 1
         backend = self._build() if distributed else None
         main_process = backend is None or backend.rank == 0
         if main_process:
