@@ -203,8 +203,9 @@ def test_fsdp_run_on_two_processes_resumes_on_one(whole_run, tmp_path):
 def test_run_ends_with_a_conversational_evaluation(tiny_model_dir, tmp_path, capsys):
     """Held-out conversations are spoken by the trained model at the end of the run: the report
     (JSON and figure) covers every held-out turn after the first, per speaker."""
-    pytest.importorskip("resemblyzer", reason="the conversational evaluation needs the eval extra")
-    pytest.importorskip("matplotlib", reason="the conversational evaluation needs the eval extra")
+    reason = "the conversational evaluation needs the eval extra: pip install 'csm-speech[eval]'"
+    pytest.importorskip("resemblyzer", reason=reason)
+    pytest.importorskip("matplotlib", reason=reason)
     rng = np.random.default_rng(1)
     lines = []
     for c in range(3):  # three conversations of three turns, speakers 0 and 1 taking turns
